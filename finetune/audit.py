@@ -1,0 +1,91 @@
+"""Checks that training does what the plan says: gradients reach every trainable parameter,
+and frozen parameters (and frozen norm statistics) end exactly where they started."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from finetune.errors import AuditError
+from finetune.policy import TrainPlan, glob_matches
+
+
+@dataclass
+class GradAudit:
+    checked: bool = False
+    grad_flow_ok: bool | None = None
+    no_grad: list[str] = field(default_factory=list)  # trainable, but no (or an all-zero) gradient
+    nonfinite: list[str] = field(default_factory=list)
+    allowed_no_grad: list[str] = field(default_factory=list)
+    frozen_unchanged: bool | None = None
+    changed_frozen: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def audit_gradients(model: nn.Module, allow_no_grad: list[str], audit: GradAudit) -> None:
+    """Call after the first backward, before the optimizer step. Raises naming the parameters that got no gradient."""
+    with_grad: list[tuple[str, torch.Tensor]] = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.grad is None:
+            audit.no_grad.append(name)
+        else:
+            with_grad.append((name, param.grad))
+    if with_grad:
+        # One batched reduction for all gradients: a single host sync.
+        grads = [g.detach().float() for _, g in with_grad]
+        norms = torch.stack(torch._foreach_norm(grads)).cpu()
+        for (name, _), norm in zip(with_grad, norms.tolist()):
+            if norm != norm or norm in (float("inf"), float("-inf")):
+                audit.nonfinite.append(name)
+            elif norm == 0.0:
+                audit.no_grad.append(name)
+    allowed = [n for n in audit.no_grad if any(glob_matches(g, n) for g in allow_no_grad)]
+    audit.allowed_no_grad = allowed
+    audit.no_grad = [n for n in audit.no_grad if n not in allowed]
+    audit.checked = True
+    audit.grad_flow_ok = not audit.no_grad and not audit.nonfinite
+    if audit.no_grad:
+        shown = ", ".join(audit.no_grad[:10]) + (f", ... ({len(audit.no_grad)} in all)" if len(audit.no_grad) > 10 else "")
+        raise AuditError(
+            f"{len(audit.no_grad)} trainable parameter(s) received no gradient on the first step: {shown}",
+            "the module is probably never used in forward() (created in __init__ but not called), or its "
+            "output does not reach the loss; wire it in, freeze it, or declare it in policy.allow_no_grad",
+        )
+    if audit.nonfinite:
+        raise AuditError(
+            f"non-finite (NaN/Inf) gradients on the first step in: {', '.join(audit.nonfinite[:10])}",
+            "lower the learning rate, check the input normalisation, or use precision=fp32",
+        )
+
+
+def frozen_tensors(model: nn.Module, plan: TrainPlan) -> dict[str, torch.Tensor]:
+    """Frozen parameters, plus the running statistics of norm layers kept in eval mode."""
+    params = dict(model.named_parameters())
+    tensors = {n: params[n] for n in plan.frozen_names}
+    buffers = dict(model.named_buffers())
+    for mod in plan.frozen_norms:
+        prefix = f"{mod}." if mod else ""
+        tensors.update({n: b for n, b in buffers.items() if n.startswith(prefix) and n.count(".") == prefix.count(".")})
+    return tensors
+
+
+@torch.no_grad()
+def checksums(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
+    """(sum, sum of squares) per tensor in float64: cheap, and any update moves them."""
+    if not tensors:
+        return {}
+    values = [t.detach().double() for t in tensors.values()]
+    sums = torch.stack([v.sum() for v in values]).cpu().tolist()
+    squares = torch.stack([(v * v).sum() for v in values]).cpu().tolist()
+    return dict(zip(tensors, zip(sums, squares)))
+
+
+def compare_checksums(before: dict, after: dict, audit: GradAudit) -> None:
+    audit.changed_frozen = [n for n in before if before[n] != after.get(n)]
+    audit.frozen_unchanged = not audit.changed_frozen

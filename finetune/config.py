@@ -1,0 +1,186 @@
+"""Structured-config schemas for every config group.
+
+Hydra merges the YAML files of `conf/` (and of any `--config-dir`) into these dataclasses, so
+an unknown key or a wrong type fails at compose time, in an override or inside a YAML file.
+Code downstream receives a validated config and never re-reads YAML.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+class EditOp(Enum):
+    replace = "replace"
+    after = "after"
+    before = "before"
+
+
+class CheckpointFormat(Enum):
+    auto = "auto"
+    torch = "torch"
+    safetensors = "safetensors"
+    lightning = "lightning"
+    sharded = "sharded"
+
+
+class ShapePolicy(Enum):
+    error = "error"
+    skip = "skip"
+    adapt = "adapt"
+
+
+class NewParams(Enum):
+    train = "train"
+    freeze = "freeze"
+
+
+class NormMode(Enum):
+    follow = "follow"
+    freeze_stats = "freeze_stats"
+
+
+class Precision(Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class MonitorMode(Enum):
+    min = "min"
+    max = "max"
+
+
+@dataclass
+class ModuleEdit:
+    """One entry of `model.add`: put `module` at / after / before the submodule `at`."""
+
+    op: EditOp = EditOp.after
+    at: str = "???"
+    name: Optional[str] = None  # required for after/before: the new submodule's attribute name
+    module: Any = None  # {_target_: ...}
+
+
+@dataclass
+class ModelConfig:
+    base: Any = None  # {_target_: ...}: any callable returning an nn.Module
+    add: List[ModuleEdit] = field(default_factory=list)
+
+
+@dataclass
+class RemapRule:
+    pattern: str = "???"  # regex, matched with re.search against each checkpoint key
+    replace: str = ""  # re.sub replacement; groups as \1 or \g<name>
+
+
+@dataclass
+class ExpectConfig:
+    missing: Optional[List[str]] = None  # null: not declared; a list: exactly these may be missing
+    unexpected: Optional[List[str]] = None
+    min_loaded: Optional[float] = None  # fraction of the base model's parameters that must load
+
+
+@dataclass
+class CheckpointConfig:
+    path: Optional[str] = None  # null = train from scratch
+    format: CheckpointFormat = CheckpointFormat.auto
+    select: str = "auto"
+    remap: List[RemapRule] = field(default_factory=list)
+    ignore: List[str] = field(default_factory=list)
+    auto_unwrap: bool = True
+    on_shape_mismatch: ShapePolicy = ShapePolicy.error
+    low_memory: Any = "auto"  # auto | true | false (Any: YAML true/false are booleans)
+    expect: ExpectConfig = field(default_factory=ExpectConfig)
+
+
+@dataclass
+class ParamGroupSpec:
+    params: List[str] = field(default_factory=list)  # globs over parameter names
+    lr_mult: float = 1.0
+    weight_decay: Optional[float] = None  # null: the optimizer's own
+
+
+@dataclass
+class UnfreezeStep:
+    at_epoch: Optional[int] = None
+    at_step: Optional[int] = None
+    params: List[str] = field(default_factory=list)
+    lr_mult: float = 1.0
+
+
+@dataclass
+class PolicyConfig:
+    freeze: List[str] = field(default_factory=list)
+    train: List[str] = field(default_factory=list)
+    new: NewParams = NewParams.train
+    bn: NormMode = NormMode.follow
+    groups: List[ParamGroupSpec] = field(default_factory=list)
+    unfreeze: List[UnfreezeStep] = field(default_factory=list)
+    allow_no_grad: List[str] = field(default_factory=list)  # trainable params allowed to get no gradient
+    decay_norm_and_bias: bool = False  # false: biases and 1-D (norm) weights get weight_decay 0
+
+
+@dataclass
+class DataConfig:
+    root: Optional[str] = None  # a base folder that dataset configs may interpolate (${..root})
+    train: Any = None  # {_target_: ...} returning a torch Dataset of (input, target)
+    val: Any = None
+    batch_size: int = 64
+    num_workers: int = 0
+    pin_memory: bool = False
+    persistent_workers: bool = False
+
+
+@dataclass
+class OptimConfig:
+    optimizer: Any = field(
+        default_factory=lambda: {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3}
+    )
+    scheduler: Any = None  # {_target_: ..., _partial_: true}, stepped once per optimizer step
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 3
+    max_steps: Optional[int] = None
+    device: str = "auto"
+    precision: Precision = Precision.fp32
+    grad_accum: int = 1
+    clip_grad_norm: Optional[float] = None
+    monitor: str = "val/acc"
+    mode: MonitorMode = MonitorMode.max
+    resume: str = "auto"  # auto | never | PATH to a checkpoints/last.pt
+    progress: bool = True
+    log_every: int = 10  # optimizer steps between logged train loss values
+    checkpoint_every: Optional[int] = None  # optimizer steps; every epoch regardless
+
+
+@dataclass
+class FinetuneConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 0
+    dry_run: bool = False
+
+
+def register_configs() -> None:
+    """Register the schema as `finetune_schema` (conf/config.yaml lists it first in its defaults)
+    and the `finetune_asset` resolver, which gives the path of a file shipped with the package."""
+    from omegaconf import OmegaConf
+
+    ConfigStore.instance().store(name="finetune_schema", node=FinetuneConfig)
+    if not OmegaConf.has_resolver("finetune_asset"):
+        from finetune.demo import asset
+
+        OmegaConf.register_new_resolver("finetune_asset", asset)
+
+
+register_configs()

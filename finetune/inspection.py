@@ -1,0 +1,117 @@
+"""finetune-inspect CKPT [overrides] [--json]: what a checkpoint holds, and how it matches a model.
+
+Tensor data is not read: safetensors headers only, torch files memory-mapped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from finetune.errors import FinetuneError
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: list[int]
+    dtype: str
+    numel: int
+    bytes: int
+
+
+def list_tensors(path: str, fmt: str = "auto", select: str = "auto") -> tuple[str, list[TensorInfo]]:
+    from finetune.checkpoint.read import read_checkpoint, sniff_format
+
+    target = Path(path).expanduser()
+    if target.is_file() and not target.name.endswith(".index.json") and sniff_format(target) == "safetensors":
+        from safetensors import safe_open
+
+        infos = []
+        try:
+            with safe_open(str(target), framework="pt") as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    shape = list(sl.get_shape())
+                    dtype = sl.get_dtype()
+                    numel = 1
+                    for d in shape:
+                        numel *= d
+                    itemsize = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}.get(dtype, 0)
+                    infos.append(TensorInfo(key, shape, dtype.lower(), numel, numel * itemsize))
+        except Exception as exc:
+            raise FinetuneError(f"{target} is not a valid safetensors file: {exc}", "re-download or re-save it") from exc
+        return "safetensors", infos
+    contents = read_checkpoint(path, fmt, select)
+    return contents.format, [
+        TensorInfo(k, list(t.shape), str(t.dtype).removeprefix("torch."), t.numel(), t.numel() * t.element_size())
+        for k, t in contents.state_dict.items()
+    ]
+
+
+def format_listing(path: str, fmt: str, infos: list[TensorInfo]) -> str:
+    from finetune.render import _table, group_keys, human
+
+    by_name = {i.name: i for i in infos}
+    rows = []
+    for label, names in group_keys(by_name).items():
+        members = [by_name[n] for n in names]
+        dtypes = sorted({m.dtype for m in members})
+        example = members[0]
+        rows.append([label, len(members), human(sum(m.numel for m in members)), f"{sum(m.bytes for m in members) / 2**20:.2f} MiB",
+                     "/".join(dtypes), f"{example.name.split('.')[-1]} {example.shape}"])
+    total = sum(i.bytes for i in infos)
+    head = f"{path} ({fmt}): {len(infos)} tensors, {human(sum(i.numel for i in infos))} elements, {total / 2**20:.2f} MiB"
+    return head + "\n" + _table(["prefix", "tensors", "numel", "size", "dtype", "e.g."], rows)
+
+
+def match_report(path: str, overrides: list[str]):
+    """Build the configured model and load the checkpoint into it: the same code path as a run."""
+    from hydra import compose, initialize_config_dir
+
+    from finetune import config as _config  # noqa: F401
+    from finetune.checkpoint.load import load_checkpoint
+    from finetune.model import base_param_names, build_model
+    from finetune.paths import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, f"checkpoint.path={path}"])
+    model, edits = build_model(cfg.model)
+    return load_checkpoint(model, cfg.checkpoint, base_param_names(model, edits))
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="finetune-inspect",
+        description="List a checkpoint's tensors; with model overrides (e.g. model=resnet18), show how it "
+        "matches that model and suggest remap rules.",
+    )
+    parser.add_argument("checkpoint", help="a .pt/.pth/.bin/.ckpt/.safetensors file, a shard index or a directory")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides selecting the model, e.g. model=demo checkpoint.remap=[...]")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    args = parser.parse_args(argv)
+    try:
+        fmt, infos = list_tensors(args.checkpoint)
+        report = match_report(args.checkpoint, args.overrides) if args.overrides else None
+    except FinetuneError as exc:
+        from finetune.cli import report_error
+
+        report_error(exc)
+        return exc.exit_code
+    if args.json:
+        out = {"checkpoint": args.checkpoint, "format": fmt, "tensors": [asdict(i) for i in infos]}
+        if report is not None:
+            out["match"] = report.to_json()
+        json.dump(out, sys.stdout, indent=2)
+        print()
+        return 0
+    print(format_listing(args.checkpoint, fmt, infos))
+    if report is not None:
+        from finetune.render import format_load_report
+
+        print()
+        print(format_load_report(report))
+    return 0

@@ -1,0 +1,241 @@
+"""Train and evaluate. Reads top to bottom: AMP, accumulation, audit, checkpointing all visible.
+
+No host sync in the step (no `.item()`), except at log intervals and on the first step's audit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from finetune.audit import GradAudit, audit_gradients
+from finetune.config import MonitorMode, Precision
+from finetune.errors import TrainingError
+from finetune.metrics_log import MetricsLog
+from finetune.policy import unfreeze, unfreeze_due
+from finetune.signals import StopRequest
+
+log = logging.getLogger(__name__)
+
+WARMUP_STEPS = 3  # steps excluded from the throughput figure
+
+
+@dataclass
+class Progress:
+    """Where training stands; everything resume needs besides the module/optimizer states."""
+
+    epoch: int = 1  # 1-based epoch in progress
+    batch: int = 0  # micro-batches of `epoch` already consumed
+    step: int = 0  # optimizer steps done
+    best_value: float | None = None
+    best_epoch: int | None = None
+    unfrozen: list[int] = field(default_factory=list)  # indices of policy.unfreeze applied
+    final: dict = field(default_factory=dict)  # last validation metrics
+    audit_done: bool = False
+    train_samples: int = 0  # counted after the warm-up steps
+    train_seconds: float = 0.0
+
+
+@dataclass
+class Loop:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object | None
+    train_loader: DataLoader
+    val_loader: DataLoader
+    sampler: object
+    trainer: object  # TrainerConfig
+    policy: object  # PolicyConfig
+    device: torch.device
+    metrics: MetricsLog
+    audit: GradAudit
+    base_lr: float
+    base_weight_decay: float
+    save_state: Callable[[Progress], None]  # writes checkpoints/last.pt
+    save_best: Callable[[], None]
+    progress: Progress = field(default_factory=Progress)
+
+    # ---- evaluation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        correct5 = torch.zeros((), device=self.device, dtype=torch.int64)
+        count, num_classes = 0, 0
+        for inputs, targets in self.val_loader:
+            inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+            with self.autocast():
+                logits = self.model(inputs)
+            loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum").double()
+            num_classes = logits.shape[1]
+            top = logits.topk(min(5, num_classes), dim=1).indices
+            correct += (top[:, 0] == targets).sum()
+            correct5 += (top == targets[:, None]).any(dim=1).sum()
+            count += targets.numel()
+        values = {"loss": loss_sum.item() / count, "acc": correct.item() / count}
+        if num_classes > 5:
+            values["top5"] = correct5.item() / count
+        return values
+
+    def autocast(self):
+        precision = self.trainer.precision
+        if precision is Precision.fp32:
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if precision is Precision.bf16 else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    # ---- policy over time -------------------------------------------------------------------
+    def apply_unfreezes(self) -> None:
+        p = self.progress
+        for index, entry in unfreeze_due(self.policy, p.epoch, p.step):
+            if index in p.unfrozen:
+                continue
+            group = unfreeze(self.model, entry, index, self.base_lr, self.base_weight_decay)
+            p.unfrozen.append(index)
+            if group is None:
+                continue
+            self.optimizer.add_param_group(group)
+            if self.scheduler is not None and hasattr(self.scheduler, "base_lrs"):
+                # LR schedulers remember one base lr per group: give the new group its own.
+                group.setdefault("initial_lr", group["lr"])
+                self.scheduler.base_lrs.append(group["initial_lr"])
+            log.info("unfroze %d tensors (policy.unfreeze[%d]) at epoch %d, step %d, lr %.3g",
+                     len(group["params"]), index, p.epoch, p.step, group["lr"])
+
+    # ---- training ---------------------------------------------------------------------------
+    def check_finite(self, loss: float) -> None:
+        if not math.isfinite(loss):
+            p = self.progress
+            raise TrainingError(
+                f"training loss is {loss} at step {p.step} (epoch {p.epoch}); stopped before writing bad weights.",
+                "lower optim.optimizer.lr or set trainer.clip_grad_norm, check the data; the last good "
+                "checkpoint is checkpoints/last.pt (rerun the same command to resume from it)",
+            )
+
+    def is_better(self, value: float) -> bool:
+        best = self.progress.best_value
+        if best is None:
+            return True
+        return value > best if self.trainer.mode is MonitorMode.max else value < best
+
+    def fit(self, stop: StopRequest) -> str:
+        """Run until the epochs or max_steps are done, or a signal asks to stop. Returns the status."""
+        t, p = self.trainer, self.progress
+        steps_per_epoch = math.ceil(len(self.train_loader) / t.grad_accum)
+        total_steps = t.max_steps or steps_per_epoch * t.epochs
+        scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision is Precision.fp16 and self.device.type == "cuda")
+        monitor_split, _, monitor_name = t.monitor.partition("/")
+        mark = time.perf_counter()
+
+        while p.epoch <= t.epochs and p.step < total_steps:
+            self.apply_unfreezes()
+            self.model.train()
+            self.sampler.set_epoch(p.epoch, start=p.batch * self.train_loader.batch_size)
+            batches_left = len(self.train_loader) - p.batch
+            bar = progress_bar(t.progress, total=len(self.train_loader), initial=p.batch, desc=f"epoch {p.epoch}/{t.epochs}")
+            loss_sum = torch.zeros((), device=self.device)  # since the last log line
+            logged_batches, micro, step_samples = 0, 0, 0
+            for inputs, targets in self.train_loader:
+                inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+                with self.autocast():
+                    loss = F.cross_entropy(self.model(inputs), targets)
+                scaler.scale(loss / t.grad_accum).backward()
+                loss_sum += loss.detach()
+                logged_batches += 1
+                micro += 1
+                step_samples += targets.shape[0]
+                p.batch += 1
+                batches_left -= 1
+                if micro < t.grad_accum and batches_left > 0:
+                    continue
+
+                # ---- one optimizer step ----
+                scaler.unscale_(self.optimizer)
+                if not p.audit_done:
+                    audit_gradients(self.model, list(self.policy.allow_no_grad), self.audit)
+                    p.audit_done = True
+                if t.clip_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad_norm)
+                scaler.step(self.optimizer)
+                scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.scheduler is not None:
+                    self.scheduler.step()
+                p.step += 1
+                bar.update(micro)
+                now = time.perf_counter()
+                if p.step > WARMUP_STEPS:
+                    p.train_seconds += now - mark
+                    p.train_samples += step_samples
+                mark, micro, step_samples = now, 0, 0
+
+                if p.step % t.log_every == 0 or batches_left == 0:
+                    mean_loss = loss_sum.item() / logged_batches  # the only host sync, once per log interval
+                    self.check_finite(mean_loss)
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    self.metrics.log(p.epoch, p.step, "train", {"loss": mean_loss, "lr": lr})
+                    rate = p.train_samples / p.train_seconds if p.train_seconds else float("nan")
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.0f}", refresh=False)
+                    if not bar.enabled:
+                        log.info("epoch %d step %d/%d  loss %.4f  lr %.3g  %.0f samples/s", p.epoch, p.step, total_steps, mean_loss, lr, rate)
+                    loss_sum.zero_()
+                    logged_batches = 0
+                if stop.received or p.step >= total_steps:
+                    break
+                if t.checkpoint_every and p.step % t.checkpoint_every == 0 and batches_left > 0:
+                    self.check_finite(loss.item())
+                    self.save_state(p)
+                    mark = time.perf_counter()
+            bar.close()
+
+            if stop.received and batches_left > 0:
+                self.save_state(p)
+                return "interrupted"
+            # ---- end of epoch: evaluate, keep the best, checkpoint ----
+            val = self.evaluate()
+            p.final = {f"val/{k}": v for k, v in val.items()}
+            self.metrics.log(p.epoch, p.step, "val", val)
+            log.info("epoch %d/%d  step %d  val loss %.4f  val acc %.4f%s", p.epoch, t.epochs, p.step, val["loss"], val["acc"],
+                     f"  top5 {val['top5']:.4f}" if "top5" in val else "")
+            monitored = p.final.get(t.monitor) if monitor_split == "val" else None
+            if monitored is not None and self.is_better(monitored):
+                p.best_value, p.best_epoch = monitored, p.epoch
+                self.save_best()
+            p.epoch += 1
+            p.batch = 0
+            self.save_state(p)
+            mark = time.perf_counter()
+            if stop.received:
+                return "interrupted"
+        return "completed"
+
+
+class _NoBar:
+    enabled = False
+    total = 0
+
+    def update(self, n: int) -> None: ...
+    def set_postfix(self, **kwargs) -> None: ...
+    def close(self) -> None: ...
+
+
+def progress_bar(enabled: bool, total: int, initial: int, desc: str):
+    if not enabled or not sys.stderr.isatty():
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=initial, desc=desc, unit="batch", leave=True, dynamic_ncols=True)
+    bar.enabled = True
+    return bar

@@ -1,0 +1,147 @@
+"""Console presentation: the load report and the trainability plan as tables grouped by module.
+
+Keys are grouped by module prefix with layer indices compressed (`layer{1..4}.*`), so a
+ResNet-50 fits on one screen; the JSON files keep every key. Output goes through the
+`finetune.report` logger, so it lands on the console and in Hydra's job log.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import OrderedDict
+from typing import Callable, Iterable, Sequence
+
+from finetune.checkpoint.report import LoadReport
+from finetune.policy import TrainPlan
+
+log = logging.getLogger("finetune.report")
+_TRAILING_NUMBER = re.compile(r"^(.*?)(\d+)$")
+MAX_ROWS = 14
+
+
+def _pattern(parts: Sequence[str]) -> tuple[tuple[str, ...], tuple[int | None, ...]]:
+    shape, numbers = [], []
+    for part in parts:
+        m = _TRAILING_NUMBER.match(part)
+        shape.append(m.group(1) + "#" if m else part)
+        numbers.append(int(m.group(2)) if m else None)
+    return tuple(shape), tuple(numbers)
+
+
+def _format_numbers(values: set[int]) -> str:
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return str(ordered[0])
+    if ordered == list(range(ordered[0], ordered[-1] + 1)):
+        return f"{{{ordered[0]}..{ordered[-1]}}}"
+    return "{" + ",".join(map(str, ordered)) + "}"
+
+
+def group_keys(keys: Iterable[str]) -> "OrderedDict[str, list[str]]":
+    """Group dotted keys by module prefix, compressing indices, at the deepest depth that stays readable."""
+    keys = list(keys)
+    best: OrderedDict[str, list[str]] = OrderedDict()
+    for depth in (1, 2, 3):
+        groups: OrderedDict[tuple, list] = OrderedDict()
+        for key in keys:
+            parts = key.split(".")
+            prefix = parts[: min(depth, len(parts) - 1)] or parts[:1]
+            shape, numbers = _pattern(prefix)
+            groups.setdefault(shape, []).append((numbers, key))
+        if depth > 1 and len(groups) > MAX_ROWS:
+            break
+        best = OrderedDict()
+        for shape, members in groups.items():
+            label_parts = []
+            for i, part in enumerate(shape):
+                values = {nums[i] for nums, _ in members if nums[i] is not None}
+                label_parts.append(part.replace("#", _format_numbers(values)) if values else part)
+            is_leaf = all(len(k.split(".")) == len(shape) for _, k in members)
+            best[".".join(label_parts) + ("" if is_leaf else ".*")] = [k for _, k in members]
+    return best
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    fmt = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join(["  " + fmt(headers), "  " + rule, *("  " + fmt(r) for r in rows)])
+
+
+def human(n: float) -> str:
+    for unit in ("", "K", "M", "B"):
+        if abs(n) < 1000:
+            return f"{n:.0f}{unit}" if unit == "" else f"{n:.1f}{unit}"
+        n /= 1000
+    return f"{n:.1f}T"
+
+
+def _sample(mapping: dict[str, str], n: int = 2) -> str:
+    return ", ".join(f"{a} -> {b}" for a, b in list(mapping.items())[:n])
+
+
+def format_load_report(report: LoadReport) -> str:
+    status: dict[str, str] = {k: "loaded" for k in report.loaded}
+    status.update({k: "missing" for k in report.missing})
+    status.update({m.key: m.action for m in report.mismatched})
+    remapped_targets = set(report.remapped.values())
+    rows = []
+    for label, keys in group_keys(status).items():
+        count = lambda s: sum(1 for k in keys if status[k] == s) or ""
+        rows.append([label, len(keys), count("loaded"), count("missing"), count("skipped"), count("adapted"),
+                     sum(1 for k in keys if k in remapped_targets) or ""])
+    c = report.counts
+    lines = [
+        f"Load report: {report.checkpoint} ({report.format}{', entry ' + repr(report.selected) if report.selected else ''})",
+        f"  {c['loaded']} loaded, {c['missing']} missing (new), {c['mismatched']} mismatched, "
+        f"{c['unexpected']} unexpected, {c['ignored']} ignored, {c['remapped']} remapped",
+        _table(["model keys", "keys", "loaded", "missing", "skipped", "adapted", "remapped"], rows),
+    ]
+    for m in report.mismatched:
+        lines.append(f"  mismatched {m.key}: checkpoint {m.checkpoint_shape} -> model {m.model_shape}: {m.action} ({m.detail})")
+    if report.unexpected:
+        groups = group_keys(report.unexpected)
+        lines.append("  unexpected (in the checkpoint, unused): " + ", ".join(f"{g} ({len(k)})" for g, k in groups.items()))
+    if report.ignored:
+        groups = group_keys(report.ignored)
+        lines.append("  ignored by checkpoint.ignore: " + ", ".join(f"{g} ({len(k)})" for g, k in groups.items()))
+    if report.remapped:
+        how = f"automatic unwrap of {', '.join(repr(p) for p in report.unwrapped)}" if report.unwrapped else "checkpoint.remap"
+        lines.append(f"  remapped {len(report.remapped)} keys ({how}; rules first), e.g. {_sample(report.remapped)}")
+    if report.casts:
+        lines.append(f"  cast {len(report.casts)} tensors to the model's dtype, e.g. {_sample(report.casts, 1)}")
+    for s in report.suggestions:
+        lines.append(f"  suggestion: {s.keys} unexpected keys would match missing ones with remap rule "
+                     f"{{pattern: '{s.pattern}', replace: '{s.replace}'}}")
+    for w in report.warnings:
+        lines.append(f"  warning: {w}")
+    return "\n".join(lines)
+
+
+def format_trainability(plan: TrainPlan) -> str:
+    by_name = {p.name: p for p in plan.params}
+    rows = []
+    for label, names in group_keys(by_name).items():
+        params = [by_name[n] for n in names]
+        trainable = sum(p.numel for p in params if p.trainable)
+        frozen = sum(p.numel for p in params if not p.trainable)
+        sources = sorted({p.source for p in params})
+        lrs = sorted({p.lr for p in params if p.lr is not None})
+        rows.append([label, human(trainable + frozen), human(trainable) if trainable else "", human(frozen) if frozen else "",
+                     "/".join(sources), ", ".join(f"{lr:.2g}" for lr in lrs) or "-"])
+    totals = plan.totals()
+    by_source = ", ".join(f"{src}: {human(v['trainable'])} trainable / {human(v['frozen'])} frozen" for src, v in totals["by_source"].items())
+    lines = [
+        f"Trainability: {human(totals['trainable'])} of {human(totals['params'])} parameters train "
+        f"({100 * totals['trainable'] / max(1, totals['params']):.1f}%); {by_source}",
+        _table(["parameters", "numel", "trainable", "frozen", "source", "lr"], rows),
+        "  optimizer groups: " + "; ".join(f"{g.name} ({len(g.params)} tensors, lr {g.lr:.3g}, wd {g.weight_decay:g})" for g in plan.groups),
+    ]
+    if plan.frozen_norms:
+        lines.append(f"  norm layers kept in eval mode (policy.bn=freeze_stats): {len(plan.frozen_norms)}")
+    return "\n".join(lines)
+
+
+def show(text: str) -> None:
+    log.info("%s", text)

@@ -1,0 +1,249 @@
+"""One run, stage by stage: config → model → checkpoint → policy → loop → reports.
+
+`run(cfg, run_dir)` is what the `finetune` command calls inside Hydra, and what tests call
+in-process with a config composed by Hydra's compose API.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from finetune import render
+from finetune.audit import GradAudit, checksums, compare_checksums, frozen_tensors
+from finetune.checkpoint.load import check_expectations, load_checkpoint
+from finetune.errors import FinetuneError, RunDirError
+from finetune.model import base_param_names, build_model, pick_device
+from finetune.policy import apply_plan, optimizer_defaults, param_groups, plan_training
+from finetune.state import BEST, LAST, load_training_state, rng_state, save_training_state, save_weights, set_rng_state, write_json
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def file_digest(path: str) -> str:
+    target = Path(path)
+    if target.is_dir():
+        return ""
+    digest = hashlib.sha256()
+    with open(target, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def trainability_json(plan, audit: GradAudit) -> dict:
+    return {
+        "params": [asdict(p) for p in plan.params],
+        "totals": plan.totals(),
+        "groups": [asdict(g) for g in plan.groups],
+        "frozen_norms": plan.frozen_norms,
+        "audit": audit.to_json(),
+    }
+
+
+def check_run_dir(run_dir: Path, resume: str) -> Path | None:
+    """The checkpoint to resume from, or None. Refuses to overwrite a finished run."""
+    summary = run_dir / "summary.json"
+    if summary.exists():
+        import json
+
+        status = json.loads(summary.read_text()).get("status")
+        if status == "completed":
+            raise RunDirError(
+                f"{run_dir} already holds a completed run (summary.json): it is not overwritten.",
+                "start a new run directory (the default hydra.run.dir is timestamped), or delete that one",
+            )
+    if resume not in ("auto", "never"):
+        path = Path(resume).expanduser()
+        if not path.is_file():
+            raise RunDirError(f"trainer.resume={resume}: no such checkpoint.", "give the path of a checkpoints/last.pt, or resume=auto")
+        return path
+    last = run_dir / LAST
+    if last.exists():
+        if resume == "never":
+            raise RunDirError(
+                f"{run_dir} holds a training checkpoint ({LAST}) and trainer.resume=never: it would be overwritten.",
+                "use trainer.resume=auto to continue that run, or a new run directory",
+            )
+        return last
+    return None
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    started = time.perf_counter()
+    resume_from = None if cfg.dry_run else check_run_dir(run_dir, cfg.trainer.resume)
+    seed_everything(cfg.seed)
+
+    model, edits = build_model(cfg.model)
+    sources: dict[str, str] = {}
+    report = None
+    if cfg.checkpoint.path:
+        report = load_checkpoint(model, cfg.checkpoint, base_param_names(model, edits))
+        try:
+            check_expectations(report, cfg.checkpoint.expect, model, base_param_names(model, edits))
+        finally:
+            render.show(render.format_load_report(report))
+        sources = report.sources()
+    else:
+        sources = {name: "new" for name, _ in model.named_parameters()}
+        log.info("checkpoint.path is null: training from scratch, every parameter is new")
+
+    lr, weight_decay = optimizer_defaults(cfg.optim.optimizer)
+    plan = plan_training(model, sources, cfg.policy, lr, weight_decay)
+    apply_plan(model, plan)
+    render.show(render.format_trainability(plan))
+    audit = GradAudit()
+    if report is not None:
+        write_json(run_dir / "load_report.json", report.to_json())
+    write_json(run_dir / "trainability.json", trainability_json(plan, audit))
+
+    if cfg.dry_run:
+        summary = base_summary("dry_run", time.perf_counter() - started)
+        write_json(run_dir / "summary.json", summary)
+        return summary
+    return train(cfg, run_dir, model, plan, audit, report, resume_from, started)
+
+
+def base_summary(status: str, wall_s: float, **fields) -> dict:
+    return {
+        "status": status,
+        "epochs": 0,
+        "steps": 0,
+        "wall_s": round(wall_s, 3),
+        "world_size": 1,
+        "ranks_in_sync": None,
+        "resumed_from": None,
+        "best": None,
+        "final": {},
+        "throughput": {"train_samples_per_s": None},
+        "torch_threads": torch.get_num_threads(),
+        **fields,
+    }
+
+
+def train(cfg, run_dir: Path, model, plan, audit: GradAudit, report, resume_from: Path | None, started: float) -> dict:
+    # Heavy imports only when training: a dry run never builds an optimizer (that imports torch._dynamo).
+    from hydra.utils import instantiate
+
+    from finetune.data import build_loaders
+    from finetune.loop import Loop, Progress
+    from finetune.metrics_log import MetricsLog
+    from finetune.signals import StopRequest
+
+    device = pick_device(cfg.trainer.device)
+    model.to(device)
+    train_loader, val_loader, sampler = build_loaders(cfg.data, cfg.seed, cfg.data.pin_memory and device.type == "cuda")
+    lr, weight_decay = optimizer_defaults(cfg.optim.optimizer)
+    optimizer = instantiate(cfg.optim.optimizer)(param_groups(model, plan))
+    scheduler = instantiate(cfg.optim.scheduler)(optimizer) if cfg.optim.scheduler else None
+
+    progress = Progress()
+    state = None
+    if resume_from is not None:
+        state = load_training_state(resume_from)
+        saved_model_cfg = state.get("config", {}).get("model")
+        if saved_model_cfg is not None and saved_model_cfg != OmegaConf.to_container(cfg.model, resolve=True):
+            raise RunDirError(
+                f"{resume_from} was written for a different model config; resuming would mix two models.",
+                "rerun with the original overrides, or start a new run directory",
+            )
+        progress = Progress(**state["progress"])
+        log.info("resuming from %s: epoch %d, step %d", resume_from, progress.epoch, progress.step)
+
+    provenance = {
+        "source_checkpoint": str(cfg.checkpoint.path or ""),
+        "source_sha256": file_digest(cfg.checkpoint.path) if cfg.checkpoint.path else "",
+        "config": OmegaConf.to_yaml(cfg, resolve=True),
+        "format": "pt",
+    }
+    metrics = MetricsLog(run_dir / "metrics.csv", resume_step=progress.step if state else None)
+
+    def save_state(p: Progress) -> None:
+        save_training_state(run_dir / LAST, {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng": rng_state(),
+            "progress": asdict(p),
+            "audit": audit.to_json(),
+            "config": OmegaConf.to_container(cfg, resolve=True),
+        })
+
+    def save_best() -> None:
+        save_weights(run_dir / BEST, model.state_dict(), provenance)
+
+    loop = Loop(model, optimizer, scheduler, train_loader, val_loader, sampler, cfg.trainer, cfg.policy, device,
+                metrics, audit, lr, weight_decay, save_state, save_best, progress)
+    if state is not None:
+        loop.apply_unfreezes()  # recreate the optimizer groups that existed when the state was saved
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state["scheduler"] is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        for key, value in state["audit"].items():
+            setattr(audit, key, value)
+        set_rng_state(state["rng"])
+
+    frozen = frozen_tensors(model, plan)
+    before = checksums(frozen)
+    status = "failed"
+    try:
+        with StopRequest() as stop:
+            status = loop.fit(stop)
+    except FinetuneError as exc:
+        write_json(run_dir / "summary.json", base_summary("failed", time.perf_counter() - started, error=str(exc),
+                                                           epochs=progress.epoch - 1, steps=progress.step))
+        write_json(run_dir / "trainability.json", trainability_json(plan, audit))
+        raise
+    finally:
+        metrics.close()
+
+    compare_checksums(before, checksums(frozen), audit)
+    write_json(run_dir / "trainability.json", trainability_json(plan, audit))
+    if not audit.frozen_unchanged:
+        log.error("frozen tensors changed during training: %s", audit.changed_frozen[:10])
+    if status == "completed":
+        save_weights(run_dir / "model.safetensors", model.state_dict(), provenance)
+        plot_curves(run_dir)
+    p = progress
+    summary = base_summary(
+        status,
+        time.perf_counter() - started,
+        epochs=p.epoch - 1,
+        steps=p.step,
+        resumed_from=None if state is None else {"epoch": state["progress"]["epoch"] - (1 if state["progress"]["batch"] == 0 else 0),
+                                                   "step": state["progress"]["step"]},
+        best=None if p.best_value is None else {"metric": cfg.trainer.monitor, "value": p.best_value, "epoch": p.best_epoch},
+        final=p.final,
+        throughput={"train_samples_per_s": round(p.train_samples / p.train_seconds, 2) if p.train_seconds else None},
+    )
+    if stop.received:
+        summary["signal"] = stop.received
+        summary["exit_code"] = stop.exit_code
+    write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def plot_curves(run_dir: Path) -> None:
+    try:
+        from finetune.plots import plot_metrics
+    except ImportError:  # matplotlib is optional
+        log.info("matplotlib not installed: no curves.png (pip install matplotlib)")
+        return
+    plot_metrics(run_dir / "metrics.csv", run_dir / "curves.png")

@@ -1,0 +1,94 @@
+"""Training state on disk: written atomically (temp file, fsync, rename), read back for resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from finetune.errors import CheckpointError, TrainingError
+
+LAST = Path("checkpoints") / "last.pt"
+BEST = Path("checkpoints") / "best.safetensors"
+
+
+@contextmanager
+def atomic_path(path: Path):
+    """Yield a temp path beside `path`; on success fsync it and rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise TrainingError(
+            f"could not write {path}: {exc.strerror or exc}; the previous version, if any, is intact.",
+            "free disk space or fix the permissions of the run directory, then rerun the same command to resume",
+        ) from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
+    with atomic_path(path) as tmp:
+        write(tmp)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+
+
+def rng_state() -> dict:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    # Plain Python values only, so the file loads with weights_only=True.
+    numpy_state = (name, keys.tolist(), int(pos), int(has_gauss), float(gauss))
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_state(path: Path, state: dict) -> None:
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_training_state(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"cannot resume from {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}",
+            "the file is damaged; delete it to start this run over, or resume from another with trainer.resume=PATH",
+        ) from exc
+
+
+def save_weights(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))

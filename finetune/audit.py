@@ -8,8 +8,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+import logging
+
 from finetune.errors import AuditError
 from finetune.policy import TrainPlan, glob_matches
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,6 +67,8 @@ def audit_gradients(model: nn.Module, allow_no_grad: list[str], audit: GradAudit
             f"non-finite (NaN/Inf) gradients on the first step in: {', '.join(audit.nonfinite[:10])}",
             "lower the learning rate, check the input normalisation, or use precision=fp32",
         )
+    log.info("gradient audit: all %d trainable tensors received a finite, non-zero gradient on step 1%s", len(with_grad),
+             f" ({len(allowed)} allowed without: policy.allow_no_grad)" if allowed else "")
 
 
 def frozen_tensors(model: nn.Module, plan: TrainPlan) -> dict[str, torch.Tensor]:
@@ -89,3 +96,5 @@ def checksums(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[float, float]
 def compare_checksums(before: dict, after: dict, audit: GradAudit) -> None:
     audit.changed_frozen = [n for n in before if before[n] != after.get(n)]
     audit.frozen_unchanged = not audit.changed_frozen
+    if audit.frozen_unchanged and before:
+        log.info("frozen audit: %d frozen tensors verified unchanged (checksums)", len(before))

@@ -23,6 +23,13 @@ class TensorInfo:
     bytes: int
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
+    "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
+}
+
+
 def list_tensors(path: str, fmt: str = "auto", select: str = "auto") -> tuple[str, list[TensorInfo]]:
     from finetune.checkpoint.read import read_checkpoint, sniff_format
 
@@ -40,8 +47,8 @@ def list_tensors(path: str, fmt: str = "auto", select: str = "auto") -> tuple[st
                     numel = 1
                     for d in shape:
                         numel *= d
-                    itemsize = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}.get(dtype, 0)
-                    infos.append(TensorInfo(key, shape, dtype.lower(), numel, numel * itemsize))
+                    name, itemsize = _SAFETENSORS_DTYPES.get(dtype, (dtype.lower(), 0))
+                    infos.append(TensorInfo(key, shape, name, numel, numel * itemsize))
         except Exception as exc:
             raise FinetuneError(f"{target} is not a valid safetensors file: {exc}", "re-download or re-save it") from exc
         return "safetensors", infos
@@ -92,10 +99,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("checkpoint", help="a .pt/.pth/.bin/.ckpt/.safetensors file, a shard index or a directory")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides selecting the model, e.g. model=demo checkpoint.remap=[...]")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    args = parser.parse_args(argv)
+    parser.add_argument("--config-dir", action="append", default=[], help="a directory of your own configs (as for finetune)")
+    args = parser.parse_intermixed_args(argv)
+    if args.config_dir:
+        dirs = ",".join(f"file://{Path(d).resolve()}" for d in args.config_dir)
+        args.overrides.append(f"hydra.searchpath=[{dirs}]")
     try:
         fmt, infos = list_tensors(args.checkpoint)
-        report = match_report(args.checkpoint, args.overrides) if args.overrides else None
+        report = match_report(args.checkpoint, args.overrides) if args.overrides and not all(o.startswith('hydra.searchpath') for o in args.overrides) else None
     except FinetuneError as exc:
         from finetune.cli import report_error
 

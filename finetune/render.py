@@ -38,28 +38,41 @@ def _format_numbers(values: set[int]) -> str:
     return "{" + ",".join(map(str, ordered)) + "}"
 
 
-def group_keys(keys: Iterable[str]) -> "OrderedDict[str, list[str]]":
-    """Group dotted keys by module prefix, compressing indices, at the deepest depth that stays readable."""
+def _groups_at(keys: list[str], depth: int, category: Callable[[str], str]) -> "OrderedDict[str, list[str]]":
+    groups: OrderedDict[tuple, list] = OrderedDict()
+    for key in keys:
+        parts = key.split(".")
+        shape, numbers = _pattern(parts[: min(depth, len(parts) - 1)] or parts[:1])
+        groups.setdefault((shape, category(key)), []).append((numbers, key))
+    labelled: OrderedDict[str, list[str]] = OrderedDict()
+    for (shape, _), members in groups.items():
+        label_parts = []
+        for i, part in enumerate(shape):
+            values = {nums[i] for nums, _ in members if nums[i] is not None}
+            label_parts.append(part.replace("#", _format_numbers(values)) if values else part)
+        is_leaf = all(len(k.split(".")) == len(shape) for _, k in members)
+        label = ".".join(label_parts) + ("" if is_leaf else ".*")
+        labelled.setdefault(label, []).extend(k for _, k in members)
+    return labelled
+
+
+def group_keys(keys: Iterable[str], category: Callable[[str], str] | None = None) -> "OrderedDict[str, list[str]]":
+    """Group dotted keys by module prefix, compressing indices (`layer{1..4}.*`).
+
+    Keys of different `category` (loaded/missing, trainable/frozen) never share a group. The
+    prefix depth grows while the table stays short and has fewer than 3 rows.
+    """
     keys = list(keys)
-    best: OrderedDict[str, list[str]] = OrderedDict()
+    category = category or (lambda _key: "")
+    chosen: OrderedDict[str, list[str]] = OrderedDict()
     for depth in (1, 2, 3):
-        groups: OrderedDict[tuple, list] = OrderedDict()
-        for key in keys:
-            parts = key.split(".")
-            prefix = parts[: min(depth, len(parts) - 1)] or parts[:1]
-            shape, numbers = _pattern(prefix)
-            groups.setdefault(shape, []).append((numbers, key))
-        if depth > 1 and len(groups) > MAX_ROWS:
+        groups = _groups_at(keys, depth, category)
+        if chosen and len(groups) > MAX_ROWS:
             break
-        best = OrderedDict()
-        for shape, members in groups.items():
-            label_parts = []
-            for i, part in enumerate(shape):
-                values = {nums[i] for nums, _ in members if nums[i] is not None}
-                label_parts.append(part.replace("#", _format_numbers(values)) if values else part)
-            is_leaf = all(len(k.split(".")) == len(shape) for _, k in members)
-            best[".".join(label_parts) + ("" if is_leaf else ".*")] = [k for _, k in members]
-    return best
+        chosen = groups
+        if len(groups) >= 3:
+            break
+    return chosen
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -87,7 +100,7 @@ def format_load_report(report: LoadReport) -> str:
     status.update({m.key: m.action for m in report.mismatched})
     remapped_targets = set(report.remapped.values())
     rows = []
-    for label, keys in group_keys(status).items():
+    for label, keys in group_keys(status, status.get).items():
         count = lambda s: sum(1 for k in keys if status[k] == s) or ""
         rows.append([label, len(keys), count("loaded"), count("missing"), count("skipped"), count("adapted"),
                      sum(1 for k in keys if k in remapped_targets) or ""])
@@ -122,7 +135,8 @@ def format_load_report(report: LoadReport) -> str:
 def format_trainability(plan: TrainPlan) -> str:
     by_name = {p.name: p for p in plan.params}
     rows = []
-    for label, names in group_keys(by_name).items():
+    kind = lambda n: f"{by_name[n].trainable}/{by_name[n].source}/{by_name[n].lr}"
+    for label, names in group_keys(by_name, kind).items():
         params = [by_name[n] for n in names]
         trainable = sum(p.numel for p in params if p.trainable)
         frozen = sum(p.numel for p in params if not p.trainable)
@@ -136,7 +150,7 @@ def format_trainability(plan: TrainPlan) -> str:
         f"Trainability: {human(totals['trainable'])} of {human(totals['params'])} parameters train "
         f"({100 * totals['trainable'] / max(1, totals['params']):.1f}%); {by_source}",
         _table(["parameters", "numel", "trainable", "frozen", "source", "lr"], rows),
-        "  optimizer groups: " + "; ".join(f"{g.name} ({len(g.params)} tensors, lr {g.lr:.3g}, wd {g.weight_decay:g})" for g in plan.groups),
+        "  optimizer groups: " + "; ".join(f"{g.name} ({len(g.params)} tensor{'s' if len(g.params) != 1 else ''}, lr {g.lr:.3g}, wd {g.weight_decay:g})" for g in plan.groups),
     ]
     if plan.frozen_norms:
         lines.append(f"  norm layers kept in eval mode (policy.bn=freeze_stats): {len(plan.frozen_norms)}")

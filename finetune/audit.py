@@ -26,6 +26,8 @@ class GradAudit:
     allowed_no_grad: list[str] = field(default_factory=list)
     frozen_unchanged: bool | None = None
     changed_frozen: list[str] = field(default_factory=list)
+    frozen_verified: list[str] = field(default_factory=list)  # frozen tensors whose checksums were compared
+    unfrozen: list[dict] = field(default_factory=list)  # policy.unfreeze events: {index, epoch, step, tensors}
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -72,29 +74,38 @@ def audit_gradients(model: nn.Module, allow_no_grad: list[str], audit: GradAudit
 
 
 def frozen_tensors(model: nn.Module, plan: TrainPlan) -> dict[str, torch.Tensor]:
-    """Frozen parameters, plus the running statistics of norm layers kept in eval mode."""
-    params = dict(model.named_parameters())
-    tensors = {n: params[n] for n in plan.frozen_names}
-    buffers = dict(model.named_buffers())
-    for mod in plan.frozen_norms:
-        prefix = f"{mod}." if mod else ""
-        tensors.update({n: b for n, b in buffers.items() if n.startswith(prefix) and n.count(".") == prefix.count(".")})
+    """Parameters frozen now, plus the running statistics of norm layers kept in eval mode.
+
+    Called before and after training; tensors unfrozen in between (policy.unfreeze) drop out.
+    """
+    tensors = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+    for mod_name in plan.frozen_norms:
+        module = model.get_submodule(mod_name)
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        prefix = f"{mod_name}." if mod_name else ""
+        tensors.update({prefix + n: b for n, b in module.named_buffers(recurse=False)})
     return tensors
 
 
+_INT_OF_SIZE = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+
+
 @torch.no_grad()
-def checksums(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
-    """(sum, sum of squares) per tensor in float64: cheap, and any update moves them."""
+def checksums(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Per tensor, the sum of its bit patterns read as integers: one cheap pass, no copy, and
+    exact: any change of any element changes it (unlike a float sum, which can round it away)."""
     if not tensors:
         return {}
-    values = [t.detach().double() for t in tensors.values()]
-    sums = torch.stack([v.sum() for v in values]).cpu().tolist()
-    squares = torch.stack([(v * v).sum() for v in values]).cpu().tolist()
-    return dict(zip(tensors, zip(sums, squares)))
+    sums = [t.detach().view(_INT_OF_SIZE[t.element_size()]).sum(dtype=torch.int64) for t in tensors.values()]
+    return dict(zip(tensors, torch.stack(sums).cpu().tolist()))
 
 
 def compare_checksums(before: dict, after: dict, audit: GradAudit) -> None:
-    audit.changed_frozen = [n for n in before if before[n] != after.get(n)]
+    """Tensors frozen both in `before` and now must be bit-for-bit where they were. Called at
+    the end of training and before each policy.unfreeze, so every tensor is checked at the last
+    moment it was frozen; findings accumulate."""
+    changed = [n for n in before if n in after and before[n] != after[n] and n not in audit.changed_frozen]
+    audit.changed_frozen.extend(changed)
+    audit.frozen_verified = sorted(set(audit.frozen_verified) | (set(before) & set(after)))
     audit.frozen_unchanged = not audit.changed_frozen
-    if audit.frozen_unchanged and before:
-        log.info("frozen audit: %d frozen tensors verified unchanged (checksums)", len(before))

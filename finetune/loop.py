@@ -23,7 +23,7 @@ from finetune.audit import GradAudit, audit_gradients
 from finetune.config import MonitorMode, Precision
 from finetune.errors import TrainingError
 from finetune.metrics_log import MetricsLog
-from finetune.policy import unfreeze, unfreeze_due
+from finetune.policy import check_optimizer_matches, unfreeze, unfreeze_due
 from finetune.signals import StopRequest
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ class Loop:
     save_state: Callable[[Progress], None]  # writes checkpoints/last.pt
     save_best: Callable[[], None]
     progress: Progress = field(default_factory=Progress)
+    verify_frozen: Callable[[], None] = lambda: None  # compares frozen tensors with their checksums at the start
 
     # ---- evaluation -------------------------------------------------------------------------
     @torch.no_grad()
@@ -102,17 +103,24 @@ class Loop:
         for index, entry in unfreeze_due(self.policy, p.epoch, p.step):
             if index in p.unfrozen:
                 continue
-            group = unfreeze(self.model, entry, index, self.base_lr, self.base_weight_decay)
+            self.verify_frozen()  # the last moment these tensors are frozen
+            groups = unfreeze(self.model, entry, index, self.base_lr, self.base_weight_decay, self.policy.decay_norm_and_bias)
             p.unfrozen.append(index)
-            if group is None:
-                continue
-            self.optimizer.add_param_group(group)
-            if self.scheduler is not None and hasattr(self.scheduler, "base_lrs"):
-                # LR schedulers remember one base lr per group: give the new group its own.
-                group.setdefault("initial_lr", group["lr"])
-                self.scheduler.base_lrs.append(group["initial_lr"])
+            for group in groups:
+                self.optimizer.add_param_group(group)
+                if self.scheduler is not None and hasattr(self.scheduler, "base_lrs"):
+                    # LR schedulers remember one base lr per group: give the new group its own.
+                    group.setdefault("initial_lr", group["lr"])
+                    self.scheduler.base_lrs.append(group["initial_lr"])
+            check_optimizer_matches(self.model, self.optimizer)
+            self.audit.unfrozen.append({"index": index, "epoch": p.epoch, "step": p.step,
+                                        "tensors": sum(len(g["params"]) for g in groups)})
             log.info("unfroze %d tensors (policy.unfreeze[%d]) at epoch %d, step %d, lr %.3g",
-                     len(group["params"]), index, p.epoch, p.step, group["lr"])
+                     sum(len(g["params"]) for g in groups), index, p.epoch, p.step, float(self.base_lr * entry.lr_mult))
+
+    def pending_step_unfreezes(self) -> bool:
+        return any(e.at_step is not None and i not in self.progress.unfrozen and self.progress.step >= e.at_step
+                   for i, e in enumerate(self.policy.unfreeze))
 
     # ---- training ---------------------------------------------------------------------------
     def check_finite(self, loss: float) -> None:
@@ -174,6 +182,8 @@ class Loop:
                 if self.scheduler is not None:
                     self.scheduler.step()
                 p.step += 1
+                if self.pending_step_unfreezes():
+                    self.apply_unfreezes()
                 bar.update(micro)
                 now = time.perf_counter()
                 if p.step > WARMUP_STEPS:

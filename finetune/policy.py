@@ -178,7 +178,9 @@ def plan_training(model: nn.Module, sources: dict[str, str], policy, lr: float, 
 
 
 def _keep_eval(module: nn.Module, _inputs) -> None:
-    module.eval()
+    # Still fully frozen? (policy.unfreeze may have made it trainable since.)
+    if not any(p.requires_grad for p in module.parameters(recurse=False)):
+        module.eval()
 
 
 def apply_plan(model: nn.Module, plan: TrainPlan) -> None:
@@ -208,13 +210,29 @@ def unfreeze_due(policy, epoch: int, step: int) -> list[tuple[int, object]]:
     return due
 
 
-def unfreeze(model: nn.Module, entry, index: int, lr: float, weight_decay: float) -> dict | None:
-    """Make the entry's frozen parameters trainable; returns the optimizer group to add."""
+def unfreeze(model: nn.Module, entry, index: int, lr: float, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
+    """Make the entry's frozen parameters trainable; returns the optimizer groups to add
+    (one at lr × lr_mult, and its no-decay twin for biases and norm weights)."""
     names = list(dict(model.named_parameters()))
     chosen = names_matching(entry.params, names, f"policy.unfreeze[{index}].params")
-    params = [p for n, p in model.named_parameters() if n in chosen and not p.requires_grad]
-    if not params:
-        return None
-    for p in params:
+    named = [(n, p) for n, p in model.named_parameters() if n in chosen and not p.requires_grad]
+    for _, p in named:
         p.requires_grad_(True)
-    return {"params": params, "lr": lr * float(entry.lr_mult), "weight_decay": weight_decay, "name": f"unfreeze[{index}]"}
+    decay = [p for n, p in named if decay_norm_and_bias or not is_no_decay(n, p)]
+    no_decay = [p for n, p in named if not decay_norm_and_bias and is_no_decay(n, p)]
+    group_lr = lr * float(entry.lr_mult)
+    groups = [{"params": decay, "lr": group_lr, "weight_decay": weight_decay, "name": f"unfreeze[{index}]"},
+              {"params": no_decay, "lr": group_lr, "weight_decay": 0.0, "name": f"unfreeze[{index}]/no_decay"}]
+    return [g for g in groups if g["params"]]
+
+
+def check_optimizer_matches(model: nn.Module, optimizer) -> None:
+    """The optimizer holds exactly the trainable parameters: no frozen one (no decay or momentum
+    creeping in), no trainable one left out. A mismatch is a bug in the plan, so it asserts."""
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    if in_optimizer != trainable:
+        names = {id(p): n for n, p in model.named_parameters()}
+        extra = [names.get(i, "?") for i in in_optimizer - trainable]
+        left_out = [names.get(i, "?") for i in trainable - in_optimizer]
+        raise AssertionError(f"optimizer/trainable mismatch: frozen in optimizer {extra[:5]}, trainable left out {left_out[:5]}")

@@ -23,7 +23,7 @@ from finetune.audit import GradAudit, checksums, compare_checksums, frozen_tenso
 from finetune.checkpoint.load import check_expectations, load_checkpoint
 from finetune.errors import FinetuneError, RunDirError
 from finetune.model import base_param_names, build_model, pick_device
-from finetune.policy import apply_plan, optimizer_defaults, param_groups, plan_training
+from finetune.policy import apply_plan, check_optimizer_matches, optimizer_defaults, param_groups, plan_training
 from finetune.state import BEST, LAST, load_training_state, rng_state, save_training_state, save_weights, set_rng_state, write_json
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,7 @@ def train(cfg, run_dir: Path, model, plan, audit: GradAudit, report, resume_from
     train_loader, val_loader, sampler = build_loaders(cfg.data, cfg.seed, cfg.data.pin_memory and device.type == "cuda")
     lr, weight_decay = optimizer_defaults(cfg.optim.optimizer)
     optimizer = instantiate(cfg.optim.optimizer)(param_groups(model, plan))
+    check_optimizer_matches(model, optimizer)
     scheduler = instantiate(cfg.optim.scheduler)(optimizer) if cfg.optim.scheduler else None
 
     progress = Progress()
@@ -200,8 +201,8 @@ def train(cfg, run_dir: Path, model, plan, audit: GradAudit, report, resume_from
             setattr(audit, key, value)
         set_rng_state(state["rng"])
 
-    frozen = frozen_tensors(model, plan)
-    before = checksums(frozen)
+    before = checksums(frozen_tensors(model, plan))
+    loop.verify_frozen = verify_frozen = lambda: compare_checksums(before, checksums(frozen_tensors(model, plan)), audit)
     status = "failed"
     try:
         with StopRequest() as stop:
@@ -214,9 +215,11 @@ def train(cfg, run_dir: Path, model, plan, audit: GradAudit, report, resume_from
     finally:
         metrics.close()
 
-    compare_checksums(before, checksums(frozen), audit)
+    verify_frozen()
     write_json(run_dir / "trainability.json", trainability_json(plan, audit))
-    if not audit.frozen_unchanged:
+    if audit.frozen_unchanged and audit.frozen_verified:
+        log.info("frozen audit: %d frozen tensors verified unchanged while frozen (checksums)", len(audit.frozen_verified))
+    elif not audit.frozen_unchanged:
         log.error("frozen tensors changed during training: %s", audit.changed_frozen[:10])
     if status == "completed":
         save_weights(run_dir / "model.safetensors", model.state_dict(), provenance)

@@ -1,0 +1,81 @@
+"""Tiny models and data for the tests: importable as `tiny` (conftest puts this folder on sys.path;
+subprocess tests put it on PYTHONPATH), so configs can name `_target_: tiny.TinyNet`."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+IN_FEATURES = 8
+HIDDEN = 16
+CLASSES_A = 4  # model A's head (the checkpoint)
+CLASSES_B = 3  # model B's head and the tiny dataset's labels
+
+
+class TinyNet(nn.Module):
+    """Model A: an MLP with a BatchNorm, module names like a CNN's (`layer1`, `layer2`, `head`)."""
+
+    def __init__(self, in_features: int = IN_FEATURES, hidden: int = HIDDEN, num_classes: int = CLASSES_A):
+        super().__init__()
+        self.layer1 = nn.Sequential(nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU())
+        self.layer2 = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU())
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer2(self.layer1(x)))
+
+
+class TinyNetUnused(TinyNet):
+    """TinyNet with a module created in __init__ but never called in forward (a wiring bug)."""
+
+    def __init__(self, in_features: int = IN_FEATURES, hidden: int = HIDDEN, num_classes: int = CLASSES_B):
+        super().__init__(in_features, hidden, num_classes)
+        self.unused = nn.Linear(hidden, hidden)
+
+
+def tiny_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A deterministic model-A state dict with non-default BatchNorm statistics."""
+    torch.manual_seed(seed)
+    model = TinyNet()
+    with torch.no_grad():
+        bn = model.layer1[1]
+        bn.running_mean.copy_(torch.randn(HIDDEN) * 0.1)
+        bn.running_var.copy_(torch.rand(HIDDEN) + 0.5)
+        bn.num_batches_tracked.fill_(7)
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+class _InterruptOnce(Dataset):
+    """Sends SIGINT to this process when sample `at` is fetched, once per marker file: a user's Ctrl-C."""
+
+    def __init__(self, inner: Dataset, at: int, marker: str):
+        self.inner, self.at, self.marker = inner, at, marker
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, index: int):
+        if index == self.at and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                raise RuntimeError("finetune installed no SIGINT handler during training")
+            os.kill(os.getpid(), signal.SIGINT)
+        return self.inner[index]
+
+
+def make_dataset(n: int = 64, seed: int = 0, in_features: int = IN_FEATURES, num_classes: int = CLASSES_B,
+                 interrupt_at: int | None = None, interrupt_marker: str | None = None) -> Dataset:
+    """A learnable in-memory classification set: label = argmax of a fixed linear map of x."""
+    rule = torch.Generator().manual_seed(1234)
+    weights = torch.randn(in_features, num_classes, generator=rule)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, in_features, generator=gen)
+    y = (x @ weights).argmax(dim=1)
+    dataset: Dataset = TensorDataset(x, y)
+    if interrupt_at is not None:
+        dataset = _InterruptOnce(dataset, interrupt_at, interrupt_marker)
+    return dataset

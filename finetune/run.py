@@ -152,14 +152,14 @@ def train(cfg, run_dir: Path, model, plan, audit: GradAudit, report, resume_from
     lr, weight_decay = optimizer_defaults(cfg.optim.optimizer)
     optimizer = instantiate(cfg.optim.optimizer)(param_groups(model, plan))
     check_optimizer_matches(model, optimizer)
-    scheduler = instantiate(cfg.optim.scheduler)(optimizer) if cfg.optim.scheduler else None
+    scheduler = build_scheduler(cfg, optimizer, len(train_loader)) if cfg.optim.scheduler else None
 
     progress = Progress()
     state = None
     if resume_from is not None:
         state = load_training_state(resume_from)
         saved_model_cfg = state.get("config", {}).get("model")
-        if saved_model_cfg is not None and saved_model_cfg != OmegaConf.to_container(cfg.model, resolve=True):
+        if saved_model_cfg is not None and saved_model_cfg != OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True):
             raise RunDirError(
                 f"{resume_from} was written for a different model config; resuming would mix two models.",
                 "rerun with the original overrides, or start a new run directory",
@@ -183,7 +183,7 @@ def train(cfg, run_dir: Path, model, plan, audit: GradAudit, report, resume_from
             "rng": rng_state(),
             "progress": asdict(p),
             "audit": audit.to_json(),
-            "config": OmegaConf.to_container(cfg, resolve=True),
+            "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
         })
 
     def save_best() -> None:
@@ -230,8 +230,8 @@ def train(cfg, run_dir: Path, model, plan, audit: GradAudit, report, resume_from
         time.perf_counter() - started,
         epochs=p.epoch - 1,
         steps=p.step,
-        resumed_from=None if state is None else {"epoch": state["progress"]["epoch"] - (1 if state["progress"]["batch"] == 0 else 0),
-                                                   "step": state["progress"]["step"]},
+        # epoch: epochs completed when the checkpoint was written; step: optimizer steps done.
+        resumed_from=None if state is None else {"epoch": state["progress"]["epoch"] - 1, "step": state["progress"]["step"]},
         best=None if p.best_value is None else {"metric": cfg.trainer.monitor, "value": p.best_value, "epoch": p.best_epoch},
         final=p.final,
         throughput={"train_samples_per_s": round(p.train_samples / p.train_seconds, 2) if p.train_seconds else None},
@@ -241,6 +241,25 @@ def train(cfg, run_dir: Path, model, plan, audit: GradAudit, report, resume_from
         summary["exit_code"] = stop.exit_code
     write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def build_scheduler(cfg, optimizer, batches_per_epoch: int):
+    """Instantiate optim.scheduler; a factory taking `total_steps` gets the run's step count."""
+    import inspect
+    import math
+
+    from hydra.utils import instantiate
+
+    factory = instantiate(cfg.optim.scheduler)
+    func = getattr(factory, "func", factory)
+    try:
+        wants_total = "total_steps" in inspect.signature(func).parameters and "total_steps" not in getattr(factory, "keywords", {})
+    except (TypeError, ValueError):
+        wants_total = False
+    if wants_total:
+        total = cfg.trainer.max_steps or math.ceil(batches_per_epoch / cfg.trainer.grad_accum) * cfg.trainer.epochs
+        return factory(optimizer, total_steps=total)
+    return factory(optimizer)
 
 
 def plot_curves(run_dir: Path) -> None:

@@ -16,6 +16,8 @@ import torch
 from finetune.errors import CheckpointError, TrainingError
 
 LAST = Path("checkpoints") / "last.pt"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 BEST = Path("checkpoints") / "best.safetensors"
 
 
@@ -25,6 +27,7 @@ def atomic_path(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results should be readable like any file
     try:
         yield Path(tmp)
         with open(tmp, "rb") as f:

@@ -58,3 +58,9 @@ def inspect_main(argv: list[str] | None = None) -> None:
     from finetune.inspection import main as inspect
 
     sys.exit(inspect(sys.argv[1:] if argv is None else argv))
+
+
+def eval_main(argv: list[str] | None = None) -> None:
+    from finetune.evaluate import main as evaluate
+
+    sys.exit(evaluate(argv))

@@ -157,6 +157,7 @@ class TrainerConfig:
     progress: bool = True
     log_every: int = 10  # optimizer steps between logged train loss values
     checkpoint_every: Optional[int] = None  # optimizer steps; every epoch regardless
+    tensorboard: Optional[bool] = None  # null: write TensorBoard events when tensorboard is installed
 
 
 @dataclass

@@ -31,6 +31,37 @@ log = logging.getLogger(__name__)
 WARMUP_STEPS = 3  # steps excluded from the throughput figure
 
 
+def autocast(device: torch.device, precision: Precision):
+    if precision is Precision.fp32:
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision is Precision.bf16 else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precision: Precision) -> dict[str, float]:
+    """Mean loss and top-1 accuracy (and top-5 with more than 5 classes); one host sync at the end."""
+    model.eval()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    correct5 = torch.zeros((), device=device, dtype=torch.int64)
+    count, num_classes = 0, 0
+    for inputs, targets in loader:
+        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with autocast(device, precision):
+            logits = model(inputs)
+        loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum").double()
+        num_classes = logits.shape[1]
+        top = logits.topk(min(5, num_classes), dim=1).indices
+        correct += (top[:, 0] == targets).sum()
+        correct5 += (top == targets[:, None]).any(dim=1).sum()
+        count += targets.numel()
+    values = {"loss": loss_sum.item() / count, "acc": correct.item() / count}
+    if num_classes > 5:
+        values["top5"] = correct5.item() / count
+    return values
+
+
 @dataclass
 class Progress:
     """Where training stands; everything resume needs besides the module/optimizer states."""
@@ -67,35 +98,11 @@ class Loop:
     progress: Progress = field(default_factory=Progress)
     verify_frozen: Callable[[], None] = lambda: None  # compares frozen tensors with their checksums at the start
 
-    # ---- evaluation -------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        self.model.eval()
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        correct = torch.zeros((), device=self.device, dtype=torch.int64)
-        correct5 = torch.zeros((), device=self.device, dtype=torch.int64)
-        count, num_classes = 0, 0
-        for inputs, targets in self.val_loader:
-            inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
-            with self.autocast():
-                logits = self.model(inputs)
-            loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum").double()
-            num_classes = logits.shape[1]
-            top = logits.topk(min(5, num_classes), dim=1).indices
-            correct += (top[:, 0] == targets).sum()
-            correct5 += (top == targets[:, None]).any(dim=1).sum()
-            count += targets.numel()
-        values = {"loss": loss_sum.item() / count, "acc": correct.item() / count}
-        if num_classes > 5:
-            values["top5"] = correct5.item() / count
-        return values
+        return evaluate(self.model, self.val_loader, self.device, self.trainer.precision)
 
     def autocast(self):
-        precision = self.trainer.precision
-        if precision is Precision.fp32:
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if precision is Precision.bf16 else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return autocast(self.device, self.trainer.precision)
 
     # ---- policy over time -------------------------------------------------------------------
     def apply_unfreezes(self) -> None:

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 from pathlib import Path
 
 FIELDS = ["epoch", "step", "split", "name", "value"]
 
 
 class MetricsLog:
-    def __init__(self, path: Path, resume_step: int | None = None):
+    """Every value goes to metrics.csv and, when `tensorboard_dir` is given, to TensorBoard."""
+
+    def __init__(self, path: Path, resume_step: int | None = None, tensorboard_dir: Path | None = None):
         self.path = path
+        self._tensorboard = None
+        if tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events a killed run wrote after the checkpoint we resume from.
+            self._tensorboard = SummaryWriter(str(tensorboard_dir), purge_step=resume_step + 1 if resume_step else None)
         if resume_step is not None and path.exists():
             self._truncate_after(resume_step)
         new = not path.exists() or path.stat().st_size == 0
@@ -31,12 +40,27 @@ class MetricsLog:
     def log(self, epoch: int, step: int, split: str, values: dict[str, float]) -> None:
         for name, value in values.items():
             self._writer.writerow([epoch, step, split, name, f"{value:.6g}"])
+            if self._tensorboard is not None:
+                self._tensorboard.add_scalar(f"{split}/{name}", value, step)
         self._file.flush()
 
     def close(self) -> None:
         self._file.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
 
 
 def read_metrics(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return [{**r, "epoch": int(r["epoch"]), "step": int(r["step"]), "value": float(r["value"])} for r in csv.DictReader(f)]
+
+
+def tensorboard_wanted(setting: bool | None) -> bool:
+    """null: on when the tensorboard package is installed; true without it is an error."""
+    installed = importlib.util.find_spec("tensorboard") is not None
+    if setting and not installed:
+        from finetune.errors import ConfigError
+
+        raise ConfigError("trainer.tensorboard=true but the tensorboard package is not installed.",
+                          "pip install tensorboard, or set trainer.tensorboard=false")
+    return installed if setting is None else bool(setting)

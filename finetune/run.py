@@ -143,7 +143,7 @@ def train(cfg, run_dir: Path, model, plan, audit: GradAudit, report, resume_from
 
     from finetune.data import build_loaders
     from finetune.loop import Loop, Progress
-    from finetune.metrics_log import MetricsLog
+    from finetune.metrics_log import MetricsLog, tensorboard_wanted
     from finetune.signals import StopRequest
 
     device = pick_device(cfg.trainer.device)
@@ -173,7 +173,8 @@ def train(cfg, run_dir: Path, model, plan, audit: GradAudit, report, resume_from
         "config": OmegaConf.to_yaml(cfg, resolve=True),
         "format": "pt",
     }
-    metrics = MetricsLog(run_dir / "metrics.csv", resume_step=progress.step if state else None)
+    metrics = MetricsLog(run_dir / "metrics.csv", resume_step=progress.step if state else None,
+                         tensorboard_dir=run_dir / "tensorboard" if tensorboard_wanted(cfg.trainer.tensorboard) else None)
 
     def save_state(p: Progress) -> None:
         save_training_state(run_dir / LAST, {

@@ -12,6 +12,7 @@ from enum import Enum
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
 
 
 class EditOp(Enum):
@@ -126,7 +127,7 @@ class PolicyConfig:
 
 @dataclass
 class DataConfig:
-    root: Optional[str] = None  # a base folder that dataset configs may interpolate (${..root})
+    root: Optional[str] = MISSING  # a base folder that dataset configs interpolate (${..root}); ??? until set
     train: Any = None  # {_target_: ...} returning a torch Dataset of (input, target)
     val: Any = None
     batch_size: int = 64

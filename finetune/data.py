@@ -11,6 +11,7 @@ from typing import Iterator
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from finetune.errors import ConfigError
@@ -41,8 +42,10 @@ def build_dataset(spec, split: str) -> Dataset:
         raise ConfigError(f"data.{split} has no `_target_`.", f"give a dataset factory, e.g. data.{split}={{_target_: torchvision.datasets.ImageFolder, root: ...}}")
     try:
         dataset = instantiate(spec, _convert_="all")
-    except InstantiationException as exc:
+    except (InstantiationException, OmegaConfBaseException) as exc:
         cause = exc.__cause__ or exc
+        if isinstance(exc, OmegaConfBaseException):
+            raise ConfigError(f"data.{split}: {str(exc).splitlines()[0]}", "set the missing value, e.g. data.root=/path/to/images") from exc
         raise ConfigError(
             f"could not build data.{split} ({spec['_target_']}): {type(cause).__name__}: {cause}",
             f"check data.{split} (paths are relative to the directory you launched from)",

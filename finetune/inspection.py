@@ -11,6 +11,9 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
 from finetune.errors import FinetuneError
 
 
@@ -112,6 +115,9 @@ def main(argv: list[str]) -> int:
 
         report_error(exc)
         return exc.exit_code
+    except (HydraException, OmegaConfBaseException) as exc:  # a bad override: Hydra's own message
+        print(f"finetune-inspect: error: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         out = {"checkpoint": args.checkpoint, "format": fmt, "tensors": [asdict(i) for i in infos]}
         if report is not None:

@@ -31,6 +31,22 @@ log = logging.getLogger(__name__)
 WARMUP_STEPS = 3  # steps excluded from the throughput figure
 
 
+def add_group_to_scheduler(scheduler, group: dict) -> None:
+    """LR schedulers keep per-group lists (base lrs, LambdaLR's lambdas): extend them for a new group,
+    which then follows the same schedule from its own lr."""
+    if scheduler is None:
+        return
+    group.setdefault("initial_lr", group["lr"])
+    if hasattr(scheduler, "base_lrs"):
+        scheduler.base_lrs.append(group["initial_lr"])
+    if hasattr(scheduler, "lr_lambdas"):  # LambdaLR, MultiplicativeLR (and warmup_cosine)
+        scheduler.lr_lambdas.append(scheduler.lr_lambdas[0])
+        if type(scheduler).__name__ == "LambdaLR":  # join at the schedule's current point
+            group["lr"] = group["initial_lr"] * scheduler.lr_lambdas[0](scheduler.last_epoch)
+    if hasattr(scheduler, "_last_lr"):
+        scheduler._last_lr.append(group["lr"])
+
+
 def autocast(device: torch.device, precision: Precision):
     if precision is Precision.fp32:
         return contextlib.nullcontext()
@@ -115,10 +131,7 @@ class Loop:
             p.unfrozen.append(index)
             for group in groups:
                 self.optimizer.add_param_group(group)
-                if self.scheduler is not None and hasattr(self.scheduler, "base_lrs"):
-                    # LR schedulers remember one base lr per group: give the new group its own.
-                    group.setdefault("initial_lr", group["lr"])
-                    self.scheduler.base_lrs.append(group["initial_lr"])
+                add_group_to_scheduler(self.scheduler, group)
             check_optimizer_matches(self.model, self.optimizer)
             self.audit.unfrozen.append({"index": index, "epoch": p.epoch, "step": p.step,
                                         "tensors": sum(len(g["params"]) for g in groups)})

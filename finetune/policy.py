@@ -32,7 +32,7 @@ def names_matching(globs: Iterable[str], names: Sequence[str], where: str) -> se
     for glob in globs:
         hits = {n for n in names if glob_matches(glob, n)}
         if not hits:
-            modules = sorted({n.rsplit(".", 1)[0] for n in names} | set(names))
+            modules = sorted({".".join(n.split(".")[:i]) for n in names for i in range(1, n.count(".") + 2)})
             close = difflib.get_close_matches(glob.rstrip(".*"), modules, n=3, cutoff=0.4)
             raise PolicyError(
                 f"{where}: glob {glob!r} matches no parameter.",

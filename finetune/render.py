@@ -38,41 +38,66 @@ def _format_numbers(values: set[int]) -> str:
     return "{" + ",".join(map(str, ordered)) + "}"
 
 
-def _groups_at(keys: list[str], depth: int, category: Callable[[str], str]) -> "OrderedDict[str, list[str]]":
+def _groups_at(keys: list[str], depth: int, category: Callable[[str], str], leaves: bool = False) -> list[tuple[str, str, list[str]]]:
+    """(label, category, keys) for keys grouped by their first `depth` dotted parts, indices
+    compressed. Without `leaves`, a group stops at the module (never the parameter name)."""
     groups: OrderedDict[tuple, list] = OrderedDict()
     for key in keys:
         parts = key.split(".")
-        shape, numbers = _pattern(parts[: min(depth, len(parts) - 1)] or parts[:1])
+        shape, numbers = _pattern(parts[:depth] if leaves else parts[: min(depth, len(parts) - 1)] or parts[:1])
         groups.setdefault((shape, category(key)), []).append((numbers, key))
-    labelled: OrderedDict[str, list[str]] = OrderedDict()
-    for (shape, _), members in groups.items():
+    out = []
+    for (shape, cat), members in groups.items():
         label_parts = []
         for i, part in enumerate(shape):
             values = {nums[i] for nums, _ in members if nums[i] is not None}
             label_parts.append(part.replace("#", _format_numbers(values)) if values else part)
         is_leaf = all(len(k.split(".")) == len(shape) for _, k in members)
-        label = ".".join(label_parts) + ("" if is_leaf else ".*")
-        labelled.setdefault(label, []).extend(k for _, k in members)
-    return labelled
+        out.append((".".join(label_parts) + ("" if is_leaf else ".*"), cat, [k for _, k in members]))
+    return out
+
+
+def _split_mixed(keys: list[str], depth: int, category: Callable[[str], str], out: "OrderedDict[str, list[str]]",
+                 leaves: bool = False) -> None:
+    """Place groups in `out`; where one label would hold keys of different categories, go deeper
+    (down to single parameters if need be)."""
+    groups = _groups_at(keys, depth, category, leaves)
+    categories: dict[str, set] = {}
+    for label, cat, _ in groups:
+        categories.setdefault(label, set()).add(cat)
+    deepest = max(len(k.split(".")) for k in keys)
+    done: set[str] = set()
+    for label, _, members in groups:
+        if len(categories[label]) > 1 and depth < deepest:
+            if label not in done:  # split all keys under this label together, one level deeper
+                done.add(label)
+                _split_mixed([k for lb, _, ms in groups if lb == label for k in ms], depth + 1, category, out, leaves=True)
+        else:
+            out.setdefault(label, []).extend(members)
 
 
 def group_keys(keys: Iterable[str], category: Callable[[str], str] | None = None) -> "OrderedDict[str, list[str]]":
     """Group dotted keys by module prefix, compressing indices (`layer{1..4}.*`).
 
-    Keys of different `category` (loaded/missing, trainable/frozen) never share a group. The
-    prefix depth grows while the table stays short and has fewer than 3 rows.
+    Keys of different `category` (loaded/missing, trainable/frozen) never share a row: where a
+    module mixes them, its row splits one level deeper. The prefix depth grows while the
+    table stays short and has fewer than 3 rows.
     """
     keys = list(keys)
+    if not keys:
+        return OrderedDict()
     category = category or (lambda _key: "")
-    chosen: OrderedDict[str, list[str]] = OrderedDict()
-    for depth in (1, 2, 3):
-        groups = _groups_at(keys, depth, category)
-        if chosen and len(groups) > MAX_ROWS:
+    depth, rows = 1, 0
+    for candidate in (1, 2, 3):
+        count = len({label for label, _, _ in _groups_at(keys, candidate, category)})
+        if rows and count > MAX_ROWS:
             break
-        chosen = groups
-        if len(groups) >= 3:
+        depth, rows = candidate, count
+        if count >= 3:
             break
-    return chosen
+    out: OrderedDict[str, list[str]] = OrderedDict()
+    _split_mixed(keys, depth, category, out)
+    return out
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -56,18 +56,35 @@ def trainability_json(plan, audit: GradAudit) -> dict:
     }
 
 
+def previous_status(run_dir: Path) -> str | None:
+    summary = run_dir / "summary.json"
+    if not summary.exists():
+        return None
+    import json
+
+    try:
+        return json.loads(summary.read_text()).get("status")
+    except ValueError:
+        return "unreadable"
+
+
+def check_dry_run_dir(run_dir: Path) -> None:
+    """A dry run may only replace another dry run's reports, never a training run's."""
+    status = previous_status(run_dir)
+    if (status not in (None, "dry_run")) or (run_dir / LAST).exists():
+        raise RunDirError(
+            f"{run_dir} holds a training run (status {status or 'unknown'}): a dry run would overwrite its reports.",
+            "dry-run in a new directory (the default hydra.run.dir is timestamped)",
+        )
+
+
 def check_run_dir(run_dir: Path, resume: str) -> Path | None:
     """The checkpoint to resume from, or None. Refuses to overwrite a finished run."""
-    summary = run_dir / "summary.json"
-    if summary.exists():
-        import json
-
-        status = json.loads(summary.read_text()).get("status")
-        if status == "completed":
-            raise RunDirError(
-                f"{run_dir} already holds a completed run (summary.json): it is not overwritten.",
-                "start a new run directory (the default hydra.run.dir is timestamped), or delete that one",
-            )
+    if previous_status(run_dir) == "completed":
+        raise RunDirError(
+            f"{run_dir} already holds a completed run (summary.json): it is not overwritten.",
+            "start a new run directory (the default hydra.run.dir is timestamped), or delete that one",
+        )
     if resume not in ("auto", "never"):
         path = Path(resume).expanduser()
         if not path.is_file():
@@ -87,6 +104,8 @@ def check_run_dir(run_dir: Path, resume: str) -> Path | None:
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     started = time.perf_counter()
+    if cfg.dry_run:
+        check_dry_run_dir(run_dir)
     resume_from = None if cfg.dry_run else check_run_dir(run_dir, cfg.trainer.resume)
     seed_everything(cfg.seed)
 

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from finetune.checkpoint.read import read_checkpoint, sniff_format

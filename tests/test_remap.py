@@ -90,12 +90,6 @@ def test_auto_unwrap_strips_ddp_prefix_when_it_increases_matches():
     assert set(out.values()) == MODEL_KEYS
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: auto_unwrap strips one prefix at a time and only if that single strip increases matches, so "
-    "stacked wrappers (DDP(torch.compile(m)) -> 'module._orig_mod.', compile(DDP(m)) -> '_orig_mod.module.') "
-    "are never unwrapped: the first strip alone matches nothing",
-)
 @pytest.mark.parametrize("prefix", ["_orig_mod.module.", "module._orig_mod."])
 def test_auto_unwrap_strips_stacked_wrappers(prefix):
     names = {f"{prefix}{k}": f"{prefix}{k}" for k in MODEL_KEYS}

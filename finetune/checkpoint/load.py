@@ -124,11 +124,14 @@ def check_expectations(report: LoadReport, expect, model: nn.Module, base_params
                 f"if this is intended, add globs for them to checkpoint.expect.{field_name}; otherwise fix "
                 "checkpoint.remap (see the suggestions above) or checkpoint.path",
             )
-    if expect.missing is None and expect.unexpected is None and (report.missing or report.unexpected):
+    undeclared = []
+    if expect.missing is None and report.missing:
+        undeclared.append(f"{len(report.missing)} model key(s) missing from the checkpoint (checkpoint.expect.missing)")
+    if expect.unexpected is None and report.unexpected:
+        undeclared.append(f"{len(report.unexpected)} checkpoint key(s) unused (checkpoint.expect.unexpected)")
+    if undeclared:
         report.warnings.append(
-            f"{len(report.missing)} model key(s) missing from the checkpoint and {len(report.unexpected)} checkpoint "
-            "key(s) unused, none declared: declare them in checkpoint.expect.missing / expect.unexpected to make "
-            "this run fail on any other difference"
+            " and ".join(undeclared) + ", not declared: declare them (a list of globs) to make any other difference an error"
         )
     if expect.min_loaded is not None:
         params = dict(model.named_parameters())

@@ -46,14 +46,14 @@ def sniff_format(path: Path) -> str:
         head = f.read(16)
     if not head:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes).", "re-download or re-save it")
+    if len(head) >= 9:  # first: a safetensors header length can start with any byte, 0x80 included
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if 0 < header_len < path.stat().st_size and head[8:9] == b"{":
+            return "safetensors"
     if head[:2] == b"PK":
         return "torch"
     if head[:1] == b"\x80":  # pickle protocol marker: torch's legacy (non-zip) format
         return "torch"
-    if len(head) >= 9:
-        (header_len,) = struct.unpack("<Q", head[:8])
-        if 0 < header_len < path.stat().st_size and head[8:9] == b"{":
-            return "safetensors"
     raise CheckpointError(
         f"checkpoint {path} is neither a torch file (zip/pickle) nor safetensors (first bytes {head[:8]!r}).",
         "check the path: it may be a download error page, a partial file, or another framework's format",
@@ -62,6 +62,10 @@ def sniff_format(path: Path) -> str:
 
 def _load_torch(path: Path) -> Any:
     try:
+        if path.suffix == ".safetensors":
+            # torch.load picks its loader by extension for a path; the content said torch: pass bytes.
+            with open(path, "rb") as f:
+                return torch.load(f, map_location="cpu", weights_only=True)
         return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
         raise CheckpointError(

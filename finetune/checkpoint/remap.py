@@ -95,7 +95,9 @@ def _matches(names: dict[str, str], model_keys: set[str]) -> int:
 def auto_unwrap(names: dict[str, str], model_keys: set[str], extra_prefixes: Sequence[str] = ()) -> tuple[dict[str, str], list[str]]:
     """Strip wrapper prefixes, greedily, as long as each strip increases the number of matches."""
     current, removed = dict(names), []
-    candidates = list(dict.fromkeys([*WRAPPER_PREFIXES, *extra_prefixes]))
+    singles = list(dict.fromkeys([*WRAPPER_PREFIXES, *extra_prefixes]))
+    # Wrappers stack (DDP around torch.compile: `module._orig_mod.`), and one layer alone may match nothing.
+    candidates = singles + [a + b for a in singles for b in singles if a != b]
     while True:
         base = _matches(current, model_keys)
         best = max(((_matches(_strip(current, p), model_keys), p) for p in candidates), default=(base, None))

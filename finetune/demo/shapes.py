@@ -136,6 +136,9 @@ def ensure_task_b(root: str | os.PathLike | None = None) -> Path:
         _write_split(staging, "train", TASK_B_SIZES["train"], seed=1_000)
         _write_split(staging, "val", TASK_B_SIZES["val"], seed=2_000_000)
         (staging / "COMPLETE").write_text("task B of the finetune demo\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700
         try:
             os.rename(staging, target)
         except OSError:

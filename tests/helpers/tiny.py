@@ -50,16 +50,18 @@ def tiny_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 class _InterruptOnce(Dataset):
-    """Sends SIGINT to this process when sample `at` is fetched, once per marker file: a user's Ctrl-C."""
+    """Sends SIGINT to this process when the `after`-th sample is fetched, once per marker file: a user's
+    Ctrl-C in the middle of an epoch. Rerunning the same config (marker present) runs uninterrupted."""
 
-    def __init__(self, inner: Dataset, at: int, marker: str):
-        self.inner, self.at, self.marker = inner, at, marker
+    def __init__(self, inner: Dataset, after: int, marker: str):
+        self.inner, self.after, self.marker, self.fetched = inner, after, marker, 0
 
     def __len__(self) -> int:
         return len(self.inner)
 
     def __getitem__(self, index: int):
-        if index == self.at and not os.path.exists(self.marker):
+        self.fetched += 1
+        if self.fetched == self.after and not os.path.exists(self.marker):
             open(self.marker, "w").close()
             if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
                 raise RuntimeError("finetune installed no SIGINT handler during training")
@@ -68,7 +70,7 @@ class _InterruptOnce(Dataset):
 
 
 def make_dataset(n: int = 64, seed: int = 0, in_features: int = IN_FEATURES, num_classes: int = CLASSES_B,
-                 interrupt_at: int | None = None, interrupt_marker: str | None = None) -> Dataset:
+                 interrupt_after: int | None = None, interrupt_marker: str | None = None) -> Dataset:
     """A learnable in-memory classification set: label = argmax of a fixed linear map of x."""
     rule = torch.Generator().manual_seed(1234)
     weights = torch.randn(in_features, num_classes, generator=rule)
@@ -76,6 +78,6 @@ def make_dataset(n: int = 64, seed: int = 0, in_features: int = IN_FEATURES, num
     x = torch.randn(n, in_features, generator=gen)
     y = (x @ weights).argmax(dim=1)
     dataset: Dataset = TensorDataset(x, y)
-    if interrupt_at is not None:
-        dataset = _InterruptOnce(dataset, interrupt_at, interrupt_marker)
+    if interrupt_after is not None:
+        dataset = _InterruptOnce(dataset, interrupt_after, interrupt_marker)
     return dataset

@@ -100,8 +100,9 @@ def bench_audit(epochs: int = 3) -> dict:
     return results
 
 
-def random_images(size: int, image_size: int, num_classes: int, seed: int = 0):
+def random_images(size: int, image_size, num_classes: int, seed: int = 0, **_ignored):
     """An in-memory dataset (TensorDataset): no decode cost, so the loop itself is measured."""
+    image_size = image_size[-1] if isinstance(image_size, (list, tuple)) else image_size
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(size, 3, image_size, image_size, generator=g)
     labels = torch.randint(0, num_classes, (size,), generator=g)
@@ -144,8 +145,10 @@ def bench_train(rounds: int = 3, batch_size: int = 64, image_size: int = 64, siz
     dataset = random_images(size, image_size, 10)
     overrides = [
         "model=resnet18", "checkpoint=none", "optim=adamw", "optim.optimizer.lr=1e-3",
-        "~data.train", "~data.val", "+data.train={_target_: bench.random_images, size: %d, image_size: %d, num_classes: 10}" % (size, image_size),
-        "+data.val={_target_: bench.random_images, size: 64, image_size: %d, num_classes: 10, seed: 1}" % image_size,
+        "data=fake", "data.train._target_=bench.random_images", f"data.train.size={size}",
+        f"data.train.image_size=[3,{image_size},{image_size}]", "data.train.num_classes=10",
+        "data.val._target_=bench.random_images", "data.val.size=64", f"data.val.image_size=[3,{image_size},{image_size}]",
+        "data.val.num_classes=10", "+data.val.seed=1",
         f"data.batch_size={batch_size}", "trainer.progress=false", f"trainer.epochs={epochs}", "trainer.log_every=10",
         "trainer.tensorboard=false",
     ]

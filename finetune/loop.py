@@ -127,16 +127,27 @@ class Loop:
             if index in p.unfrozen:
                 continue
             self.verify_frozen()  # the last moment these tensors are frozen
-            groups = unfreeze(self.model, entry, index, self.base_lr, self.base_weight_decay, self.policy.decay_norm_and_bias)
+            groups = self._unfreeze(index)
             p.unfrozen.append(index)
-            for group in groups:
-                self.optimizer.add_param_group(group)
-                add_group_to_scheduler(self.scheduler, group)
-            check_optimizer_matches(self.model, self.optimizer)
             self.audit.unfrozen.append({"index": index, "epoch": p.epoch, "step": p.step,
                                         "tensors": sum(len(g["params"]) for g in groups)})
             log.info("unfroze %d tensors (policy.unfreeze[%d]) at epoch %d, step %d, lr %.3g",
                      sum(len(g["params"]) for g in groups), index, p.epoch, p.step, float(self.base_lr * entry.lr_mult))
+
+    def _unfreeze(self, index: int) -> list[dict]:
+        entry = self.policy.unfreeze[index]
+        groups = unfreeze(self.model, entry, index, self.base_lr, self.base_weight_decay, self.policy.decay_norm_and_bias)
+        for group in groups:
+            self.optimizer.add_param_group(group)
+            add_group_to_scheduler(self.scheduler, group)
+        check_optimizer_matches(self.model, self.optimizer)
+        return groups
+
+    def restore_unfreezes(self, indices: list[int]) -> None:
+        """On resume: redo, in order, the unfreezes the saved run had done, so the optimizer has
+        the same groups before its state is loaded."""
+        for index in indices:
+            self._unfreeze(index)
 
     def pending_step_unfreezes(self) -> bool:
         return any(e.at_step is not None and i not in self.progress.unfrozen and self.progress.step >= e.at_step

@@ -212,7 +212,7 @@ def train(cfg, run_dir: Path, model, plan, audit: GradAudit, report, resume_from
     loop = Loop(model, optimizer, scheduler, train_loader, val_loader, sampler, cfg.trainer, cfg.policy, device,
                 metrics, audit, lr, weight_decay, save_state, save_best, progress)
     if state is not None:
-        loop.apply_unfreezes()  # recreate the optimizer groups that existed when the state was saved
+        loop.restore_unfreezes(progress.unfrozen)  # the optimizer groups that existed when the state was saved
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state["scheduler"] is not None:

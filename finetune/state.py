@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,9 +39,11 @@ def atomic_path(path: Path):
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+        free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
         raise TrainingError(
-            f"could not write {path}: {exc.strerror or exc}; the previous version, if any, is intact.",
+            f"could not write {path}: {reason} ({free / 2**20:.1f} MiB free there); the previous version, if any, is intact.",
             "free disk space or fix the permissions of the run directory, then rerun the same command to resume",
         ) from exc
     finally:
@@ -77,7 +80,12 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_training_state(path: Path, state: dict) -> None:
-    write_atomic(path, lambda tmp: torch.save(state, tmp))
+    def write(tmp: Path) -> None:
+        # Through a Python file: a full disk then raises OSError(ENOSPC), not a C++ stream error.
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+
+    write_atomic(path, write)
 
 
 def load_training_state(path: Path) -> dict:
@@ -93,5 +101,14 @@ def load_training_state(path: Path) -> dict:
 def save_weights(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
+    from safetensors import SafetensorError
+
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+    def write(tmp: Path) -> None:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as exc:  # the writer's own error type for I/O failures (a full disk)
+            raise OSError(str(exc)) from exc
+
+    write_atomic(path, write)

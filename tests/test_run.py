@@ -353,3 +353,43 @@ def test_resume_with_a_different_model_is_refused(tiny_cfg, tmp_path):
     last = first_dir / "checkpoints" / "last.pt"
     with pytest.raises(RunDirError, match="different model"):
         run(tiny_cfg(f"trainer.resume={last}", "+model.add.1.module.reduction=2"), tmp_path / "b")
+
+
+# ---- unfreeze: optimizer state and resume ------------------------------------------------------
+
+
+def test_unfreeze_keeps_the_earlier_groups_optimizer_state(tiny_cfg, tmp_path):
+    run_dir = tmp_path / "run"
+    run(tiny_cfg("policy=probe_then_finetune", "policy.unfreeze.0.at_epoch=2", "optim=adamw", "trainer.epochs=3"), run_dir)
+    last = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    optimizer = last["optimizer"]
+    steps_of = {}
+    for group in optimizer["param_groups"]:
+        steps_of[group["name"]] = {float(optimizer["state"][i]["step"]) for i in group["params"]}
+    # The groups built at the start trained all 3 epochs: their Adam state was never reset by the unfreeze.
+    assert steps_of["default"] == {3.0 * STEPS_PER_EPOCH}
+    # The unfrozen groups joined at the start of epoch 2.
+    assert steps_of["unfreeze[0]"] == {2.0 * STEPS_PER_EPOCH}
+    assert [g["name"] for g in optimizer["param_groups"]][:2] == ["default", "default/no_decay"]
+
+
+def test_resume_after_unfreeze_rebuilds_the_same_groups(tiny_cfg, tmp_path):
+    marker = tmp_path / "sigint-sent"
+    # 64 samples per epoch: the 150th sample fetched is in epoch 3, after the unfreeze at epoch 2.
+    overrides = ["policy=probe_then_finetune", "policy.unfreeze.0.at_epoch=2", "optim=adamw_cosine", "trainer.epochs=3",
+                 "+data.train.interrupt_after=150", f"+data.train.interrupt_marker={marker}"]
+    run_dir = tmp_path / "run"
+    first = run(tiny_cfg(*overrides), run_dir)
+    assert first["status"] == "interrupted" and first["epochs"] == 2
+    before = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    second = run(tiny_cfg(*overrides), run_dir)
+    assert second["status"] == "completed" and second["resumed_from"]["epoch"] == 2
+    after = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    names = lambda state: [(g["name"], len(g["params"])) for g in state["optimizer"]["param_groups"]]
+    assert names(after) == names(before) and any(n.startswith("unfreeze[0]") for n, _ in names(after))
+    assert after["progress"]["unfrozen"] == [0]
+
+    straight_dir = tmp_path / "straight"
+    run(tiny_cfg(*overrides), straight_dir)  # marker exists: uninterrupted
+    resumed, straight = load_file(str(run_dir / "model.safetensors")), load_file(str(straight_dir / "model.safetensors"))
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)

@@ -69,8 +69,24 @@ class _InterruptOnce(Dataset):
         return self.inner[index]
 
 
+class _Slow(Dataset):
+    """Sleeps `delay` seconds per sample: a run slow enough to be killed in the middle, for real."""
+
+    def __init__(self, inner: Dataset, delay: float):
+        self.inner, self.delay = inner, delay
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, index: int):
+        import time
+
+        time.sleep(self.delay)
+        return self.inner[index]
+
+
 def make_dataset(n: int = 64, seed: int = 0, in_features: int = IN_FEATURES, num_classes: int = CLASSES_B,
-                 interrupt_after: int | None = None, interrupt_marker: str | None = None) -> Dataset:
+                 interrupt_after: int | None = None, interrupt_marker: str | None = None, delay: float = 0.0) -> Dataset:
     """A learnable in-memory classification set: label = argmax of a fixed linear map of x."""
     rule = torch.Generator().manual_seed(1234)
     weights = torch.randn(in_features, num_classes, generator=rule)
@@ -80,4 +96,6 @@ def make_dataset(n: int = 64, seed: int = 0, in_features: int = IN_FEATURES, num
     dataset: Dataset = TensorDataset(x, y)
     if interrupt_after is not None:
         dataset = _InterruptOnce(dataset, interrupt_after, interrupt_marker)
+    if delay:
+        dataset = _Slow(dataset, delay)
     return dataset

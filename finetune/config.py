@@ -158,6 +158,7 @@ class TrainerConfig:
     progress: bool = True
     log_every: int = 10  # optimizer steps between logged train loss values
     checkpoint_every: Optional[int] = None  # optimizer steps; every epoch regardless
+    skip_nonfinite: bool = False  # skip batches whose loss is NaN/Inf instead of stopping (a sync per batch)
     tensorboard: Optional[bool] = None  # null: write TensorBoard events when tensorboard is installed
 
 

@@ -92,6 +92,7 @@ class Progress:
     audit_done: bool = False
     train_samples: int = 0  # counted after the warm-up steps
     train_seconds: float = 0.0
+    skipped_nonfinite: int = 0  # batches skipped under trainer.skip_nonfinite
 
 
 @dataclass
@@ -188,8 +189,21 @@ class Loop:
             logged_batches, micro, step_samples = 0, 0, 0
             for inputs, targets in self.train_loader:
                 inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+                if t.skip_nonfinite:  # the forward of a bad batch also moves BatchNorm statistics: keep a copy
+                    buffers_before = [b.detach().clone() for b in self.model.buffers()]
                 with self.autocast():
                     loss = F.cross_entropy(self.model(inputs), targets)
+                if t.skip_nonfinite and not torch.isfinite(loss):  # opt-in: costs a host sync per batch
+                    with torch.no_grad():
+                        for buffer, saved in zip(self.model.buffers(), buffers_before):
+                            buffer.copy_(saved)
+                    p.skipped_nonfinite += 1
+                    log.warning("non-finite loss at epoch %d, step %d: batch skipped (trainer.skip_nonfinite)", p.epoch, p.step + 1)
+                    p.batch += 1
+                    batches_left -= 1
+                    if batches_left > 0 or micro == 0:
+                        continue
+                    loss = torch.zeros((), device=self.device, requires_grad=True)  # close the last step cleanly
                 scaler.scale(loss / t.grad_accum).backward()
                 loss_sum += loss.detach()
                 logged_batches += 1
@@ -236,12 +250,13 @@ class Loop:
                 if stop.received or p.step >= total_steps:
                     break
                 if t.checkpoint_every and p.step % t.checkpoint_every == 0 and batches_left > 0:
-                    self.check_finite(loss.item())
+                    self.check_finite(loss_sum.item())  # every step since the last log line
                     self.save_state(p)
                     mark = time.perf_counter()
             bar.close()
 
             if stop.received and batches_left > 0:
+                self.check_finite(loss_sum.item())
                 self.save_state(p)
                 return "interrupted"
             # ---- end of epoch: evaluate, keep the best, checkpoint ----

@@ -255,6 +255,7 @@ def train(cfg, run_dir: Path, model, plan, audit: GradAudit, report, resume_from
         best=None if p.best_value is None else {"metric": cfg.trainer.monitor, "value": p.best_value, "epoch": p.best_epoch},
         final=p.final,
         throughput={"train_samples_per_s": round(p.train_samples / p.train_seconds, 2) if p.train_seconds else None},
+        skipped_nonfinite=p.skipped_nonfinite,
     )
     if stop.received:
         summary["signal"] = stop.received

@@ -393,3 +393,30 @@ def test_resume_after_unfreeze_rebuilds_the_same_groups(tiny_cfg, tmp_path):
     run(tiny_cfg(*overrides), straight_dir)  # marker exists: uninterrupted
     resumed, straight = load_file(str(run_dir / "model.safetensors")), load_file(str(straight_dir / "model.safetensors"))
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
+# ---- non-finite loss ---------------------------------------------------------------------------
+
+
+def test_nan_loss_stops_with_status_failed(tiny_cfg, tmp_path):
+    from finetune.errors import TrainingError
+
+    run_dir = tmp_path / "run"
+    # Sample order is a permutation: whichever batch holds sample 5 has a NaN loss, in epoch 1.
+    with pytest.raises(TrainingError) as info:
+        run(tiny_cfg("+data.train.nan_at=5"), run_dir)
+    assert "training loss is nan" in str(info.value) and "step" in str(info.value)
+    summary = read_json(run_dir / "summary.json")
+    assert summary["status"] == "failed" and "nan" in summary["error"]
+    assert not (run_dir / "model.safetensors").exists()
+    assert not (run_dir / "checkpoints" / "last.pt").exists()  # no checkpoint was written from NaN weights
+
+
+def test_skip_nonfinite_skips_the_bad_batch_and_completes(tiny_cfg, tmp_path):
+    run_dir = tmp_path / "run"
+    summary = run(tiny_cfg("+data.train.nan_at=5", "trainer.skip_nonfinite=true"), run_dir)
+    assert summary["status"] == "completed"
+    assert summary["skipped_nonfinite"] == 2  # the bad batch, once per epoch
+    assert summary["steps"] == 2 * (STEPS_PER_EPOCH - 1)
+    weights = load_file(str(run_dir / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())

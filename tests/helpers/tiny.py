@@ -86,13 +86,16 @@ class _Slow(Dataset):
 
 
 def make_dataset(n: int = 64, seed: int = 0, in_features: int = IN_FEATURES, num_classes: int = CLASSES_B,
-                 interrupt_after: int | None = None, interrupt_marker: str | None = None, delay: float = 0.0) -> Dataset:
+                 interrupt_after: int | None = None, interrupt_marker: str | None = None, delay: float = 0.0,
+                 nan_at: int | None = None) -> Dataset:
     """A learnable in-memory classification set: label = argmax of a fixed linear map of x."""
     rule = torch.Generator().manual_seed(1234)
     weights = torch.randn(in_features, num_classes, generator=rule)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, in_features, generator=gen)
     y = (x @ weights).argmax(dim=1)
+    if nan_at is not None:
+        x[nan_at] = float("nan")  # one corrupt sample: its batch's loss is NaN
     dataset: Dataset = TensorDataset(x, y)
     if interrupt_after is not None:
         dataset = _InterruptOnce(dataset, interrupt_after, interrupt_marker)

@@ -56,6 +56,11 @@ class MonitorMode(Enum):
     max = "max"
 
 
+class SavedWeights(Enum):
+    final = "final"
+    best = "best"
+
+
 @dataclass
 class ModuleEdit:
     """One entry of `model.add`: put `module` at / after / before the submodule `at`."""
@@ -128,6 +133,9 @@ class PolicyConfig:
 @dataclass
 class DataConfig:
     root: Optional[str] = MISSING  # a base folder that dataset configs interpolate (${..root}); ??? until set
+    # The base model's input normalisation, for transform configs to interpolate (${..mean}).
+    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # ImageNet's
+    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     train: Any = None  # {_target_: ...} returning a torch Dataset of (input, target)
     val: Any = None
     batch_size: int = 64
@@ -158,6 +166,9 @@ class TrainerConfig:
     progress: bool = True
     log_every: int = 10  # optimizer steps between logged train loss values
     checkpoint_every: Optional[int] = None  # optimizer steps; every epoch regardless
+    channels_last: bool = False  # convolution nets in NHWC memory format (often faster on GPU)
+    compile: bool = False  # torch.compile the model's forward (in place: state_dict keys keep their names)
+    save: SavedWeights = SavedWeights.final  # what model.safetensors holds: the final or the best epoch's weights
     skip_nonfinite: bool = False  # skip batches whose loss is NaN/Inf instead of stopping (a sync per batch)
     tensorboard: Optional[bool] = None  # null: write TensorBoard events when tensorboard is installed
 

@@ -189,6 +189,8 @@ class Loop:
             logged_batches, micro, step_samples = 0, 0, 0
             for inputs, targets in self.train_loader:
                 inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+                if t.channels_last and inputs.dim() == 4:
+                    inputs = inputs.contiguous(memory_format=torch.channels_last)
                 if t.skip_nonfinite:  # the forward of a bad batch also moves BatchNorm statistics: keep a copy
                     buffers_before = [b.detach().clone() for b in self.model.buffers()]
                 with self.autocast():

@@ -21,10 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 from finetune import render
 from finetune.audit import GradAudit, checksums, compare_checksums, frozen_tensors
 from finetune.checkpoint.load import check_expectations, load_checkpoint
+from finetune.config import SavedWeights
 from finetune.errors import FinetuneError, RunDirError
 from finetune.model import base_param_names, build_model, pick_device
 from finetune.policy import apply_plan, check_optimizer_matches, optimizer_defaults, param_groups, plan_training
-from finetune.state import BEST, LAST, load_training_state, rng_state, save_training_state, save_weights, set_rng_state, write_json
+from finetune.state import BEST, LAST, load_training_state, rng_state, save_training_state, save_weights, set_rng_state, write_atomic, write_json
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,9 @@ def train(cfg, run_dir: Path, model, plan, audit: GradAudit, report, resume_from
     from finetune.signals import StopRequest
 
     device = pick_device(cfg.trainer.device)
-    model.to(device)
+    model.to(device, memory_format=torch.channels_last) if cfg.trainer.channels_last else model.to(device)
+    if cfg.trainer.compile:
+        model.compile()  # in place: parameter names (and every file we write) stay the same
     train_loader, val_loader, sampler = build_loaders(cfg.data, cfg.seed, cfg.data.pin_memory and device.type == "cuda")
     lr, weight_decay = optimizer_defaults(cfg.optim.optimizer)
     optimizer = instantiate(cfg.optim.optimizer)(param_groups(model, plan))
@@ -242,7 +245,12 @@ def train(cfg, run_dir: Path, model, plan, audit: GradAudit, report, resume_from
     elif not audit.frozen_unchanged:
         log.error("frozen tensors changed during training: %s", audit.changed_frozen[:10])
     if status == "completed":
-        save_weights(run_dir / "model.safetensors", model.state_dict(), provenance)
+        if cfg.trainer.save is SavedWeights.best and (run_dir / BEST).exists():
+            import shutil
+
+            write_atomic(run_dir / "model.safetensors", lambda tmp: shutil.copyfile(run_dir / BEST, tmp))
+        else:
+            save_weights(run_dir / "model.safetensors", model.state_dict(), provenance)
         plot_curves(run_dir)
     p = progress
     summary = base_summary(

@@ -420,3 +420,40 @@ def test_skip_nonfinite_skips_the_bad_batch_and_completes(tiny_cfg, tmp_path):
     assert summary["steps"] == 2 * (STEPS_PER_EPOCH - 1)
     weights = load_file(str(run_dir / "model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+
+
+# ---- trainer options ---------------------------------------------------------------------------
+
+
+def test_bf16_autocast_trains(tiny_cfg, tmp_path):
+    summary = run(tiny_cfg("trainer.precision=bf16"), tmp_path / "run")
+    import math
+
+    assert summary["status"] == "completed" and math.isfinite(summary["final"]["val/loss"])
+
+
+def test_save_best_puts_the_best_epochs_weights_in_model_safetensors(tiny_cfg, tmp_path):
+    run_dir = tmp_path / "run"
+    summary = run(tiny_cfg("trainer.save=best", "trainer.epochs=3"), run_dir)
+    best = load_file(str(run_dir / "checkpoints" / "best.safetensors"))
+    final = load_file(str(run_dir / "model.safetensors"))
+    assert all(torch.equal(best[k], final[k]) for k in best)
+    assert summary["best"]["epoch"] in (1, 2, 3)
+
+
+def test_imagefolder_split_is_seeded_disjoint_and_complete(tmp_path):
+    from PIL import Image
+
+    from finetune.datasets import imagefolder_split
+
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(10):
+            Image.new("RGB", (4, 4), (i * 20, 0, 0)).save(tmp_path / cls / f"{i}.png")
+    train = imagefolder_split(str(tmp_path), "train", val_fraction=0.3, seed=3)
+    val = imagefolder_split(str(tmp_path), "val", val_fraction=0.3, seed=3)
+    assert len(val) == 6 and len(train) == 14
+    assert set(train.indices).isdisjoint(val.indices) and set(train.indices) | set(val.indices) == set(range(20))
+    assert imagefolder_split(str(tmp_path), "val", val_fraction=0.3, seed=3).indices == val.indices
+    assert imagefolder_split(str(tmp_path), "val", val_fraction=0.3, seed=4).indices != val.indices
+    assert train.classes == ["a", "b"]

@@ -228,7 +228,7 @@ def train(cfg, run_dir: Path, model, plan, audit: GradAudit, report, resume_from
     loop.verify_frozen = verify_frozen = lambda: compare_checksums(before, checksums(frozen_tensors(model, plan)), audit)
     status = "failed"
     try:
-        with StopRequest() as stop:
+        with StopRequest() as stop, log_above_progress_bars(cfg.trainer.progress):
             status = loop.fit(stop)
     except FinetuneError as exc:
         write_json(run_dir / "summary.json", base_summary("failed", time.perf_counter() - started, error=str(exc),
@@ -270,6 +270,18 @@ def train(cfg, run_dir: Path, model, plan, audit: GradAudit, report, resume_from
         summary["exit_code"] = stop.exit_code
     write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def log_above_progress_bars(enabled: bool):
+    """While progress bars draw, log lines go through tqdm.write so the two never interleave."""
+    import contextlib
+    import sys
+
+    if not (enabled and sys.stderr.isatty()):
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm()
 
 
 def build_scheduler(cfg, optimizer, batches_per_epoch: int):

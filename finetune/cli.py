@@ -39,7 +39,13 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             raise
         report_error(exc)
         if hydra_cfg.mode == RunMode.MULTIRUN:
-            raise  # let the sweep record this job as failed and go on
+            # The sweep goes on; this job's row in sweep_summary.csv says why it failed.
+            from finetune.run import base_summary
+            from finetune.state import write_json
+
+            if not (run_dir / "summary.json").exists():
+                write_json(run_dir / "summary.json", base_summary("failed", 0.0, error=str(exc)))
+            raise
         sys.exit(exc.exit_code)
     status = summary["status"]
     log.info("%s: %s", status, run_dir)
@@ -64,3 +70,9 @@ def eval_main(argv: list[str] | None = None) -> None:
     from finetune.evaluate import main as evaluate
 
     sys.exit(evaluate(argv))
+
+
+def summary_main(argv: list[str] | None = None) -> None:
+    from finetune.sweep import main as summarize
+
+    sys.exit(summarize(argv))

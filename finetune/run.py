@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune import render
 from finetune.audit import GradAudit, checksums, compare_checksums, frozen_tensors
-from finetune.checkpoint.load import check_expectations, load_checkpoint
+from finetune.checkpoint.load import NeedsNormalBuild, check_expectations, load_checkpoint, wants_low_memory
 from finetune.config import SavedWeights
 from finetune.errors import FinetuneError, RunDirError
 from finetune.model import base_param_names, build_model, pick_device
@@ -110,11 +110,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     resume_from = None if cfg.dry_run else check_run_dir(run_dir, cfg.trainer.resume)
     seed_everything(cfg.seed)
 
-    model, edits = build_model(cfg.model)
-    sources: dict[str, str] = {}
     report = None
+    if cfg.checkpoint.path and wants_low_memory(cfg.checkpoint):
+        model, edits, report = build_and_load_low_memory(cfg)
+    else:
+        model, edits = build_model(cfg.model)
+    sources: dict[str, str] = {}
     if cfg.checkpoint.path:
-        report = load_checkpoint(model, cfg.checkpoint, base_param_names(model, edits))
+        if report is None:
+            report = load_checkpoint(model, cfg.checkpoint, base_param_names(model, edits))
         try:
             check_expectations(report, cfg.checkpoint.expect, model, base_param_names(model, edits))
         finally:
@@ -138,6 +142,24 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         write_json(run_dir / "summary.json", summary)
         return summary
     return train(cfg, run_dir, model, plan, audit, report, resume_from, started)
+
+
+def build_and_load_low_memory(cfg):
+    """Build on the meta device, memory-map the checkpoint, assign its tensors, and initialise only
+    the modules it does not provide. Falls back to a normal build where a module cannot."""
+    try:
+        with torch.device("meta"):
+            model, edits = build_model(cfg.model)
+        report = load_checkpoint(model, cfg.checkpoint, base_param_names(model, edits), low_memory=True)
+        return model, edits, report
+    except NeedsNormalBuild as exc:
+        reason = str(exc)
+    except (RuntimeError, NotImplementedError, TypeError) as exc:  # a constructor that cannot run on meta
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    log.warning("checkpoint.low_memory: building normally instead (%s)", reason)
+    seed_everything(cfg.seed)
+    model, edits = build_model(cfg.model)
+    return model, edits, None
 
 
 def base_summary(status: str, wall_s: float, **fields) -> dict:

@@ -24,10 +24,54 @@ def _shape(t: torch.Tensor) -> list[int]:
     return list(t.shape)
 
 
-def match_and_load(model: nn.Module, checkpoint: dict[str, torch.Tensor], names: dict[str, str], shape_policy: ShapePolicy, report: LoadReport) -> None:
-    """Fill `report` with loaded/missing/unexpected/mismatched and load the matched tensors."""
+class NeedsNormalBuild(Exception):
+    """The meta-device path cannot initialise some new module: build the model normally instead."""
+
+
+def materialize_new(model: nn.Module, new_keys: set[str]) -> list[str]:
+    """Give real storage to the modules that hold keys the checkpoint does not provide, and
+    initialise them with their own `reset_parameters()`. A module whose keys are all new is
+    materialised whole (so its own reset sees its children: an Adapter's init_scale applies).
+    Returns the materialised module names; raises NeedsNormalBuild where no reset exists."""
+    owned = {}  # module name -> its state keys (recursive)
+    for key in model.state_dict():
+        parts = key.split(".")
+        for i in range(len(parts)):
+            owned.setdefault(".".join(parts[:i]), []).append(key)
+    chosen: list[str] = []
+    whole: set[str] = set()
+    for name, module in model.named_modules():
+        if any(name == w or name.startswith(w + ".") or w == "" for w in whole):
+            continue  # inside a module materialised whole
+        keys = owned.get(name, [])
+        own = [f"{name}.{n}" if name else n for n, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))]
+        if keys and all(k in new_keys for k in keys):
+            chosen.append(name)
+            whole.add(name)
+        elif any(k in new_keys for k in own):
+            chosen.append(name)  # partly new: materialise its own tensors; loaded ones are assigned after
+    for name in chosen:
+        module = model.get_submodule(name)
+        module.to_empty(device="cpu", recurse=name in whole)
+        resets = [module] if hasattr(module, "reset_parameters") else [m for m in module.modules() if hasattr(m, "reset_parameters")]
+        if not resets:
+            raise NeedsNormalBuild(f"{name or 'the model'} ({type(module).__name__}) has no reset_parameters()")
+        with torch.no_grad():
+            for m in resets:
+                m.reset_parameters()
+    return chosen
+
+
+def match_and_load(model: nn.Module, checkpoint: dict[str, torch.Tensor], names: dict[str, str], shape_policy: ShapePolicy,
+                   report: LoadReport, low_memory: bool = False) -> None:
+    """Fill `report` with loaded/missing/unexpected/mismatched and load the matched tensors.
+
+    With `low_memory` the model is on the meta device: new modules are materialised and reset,
+    and checkpoint tensors are assigned (not copied) into the model.
+    """
     model_sd = model.state_dict()
     to_load: dict[str, torch.Tensor] = {}
+    to_adapt: dict[str, torch.Tensor] = {}
     mismatched: dict[str, Mismatch] = {}
     refused: list[str] = []
     for orig, name in names.items():
@@ -42,8 +86,8 @@ def match_and_load(model: nn.Module, checkpoint: dict[str, torch.Tensor], names:
             elif shape_policy is ShapePolicy.skip:
                 mismatched[name] = Mismatch(name, _shape(fresh), _shape(tensor), "skipped", "kept the model's own init")
             else:
-                to_load[name], detail = adapt_tensor(name, fresh, tensor)
-                mismatched[name] = Mismatch(name, _shape(fresh), _shape(tensor), "adapted", detail)
+                to_adapt[name] = tensor
+                mismatched[name] = Mismatch(name, _shape(fresh), _shape(tensor), "adapted")
             continue
         if tensor.dtype != fresh.dtype:
             report.casts[name] = f"{str(tensor.dtype).removeprefix('torch.')}->{str(fresh.dtype).removeprefix('torch.')}"
@@ -63,11 +107,21 @@ def match_and_load(model: nn.Module, checkpoint: dict[str, torch.Tensor], names:
             report.loaded.append(key)
         else:
             report.missing.append(key)
-    result = model.load_state_dict(to_load, strict=False)
+    if low_memory:
+        materialize_new(model, set(report.missing) | set(mismatched))
+        report.init = "reset_parameters"
+        model_sd = model.state_dict()
+    for name, tensor in to_adapt.items():
+        to_load[name], mismatched[name].detail = adapt_tensor(name, model_sd[name], tensor)
+    result = model.load_state_dict(to_load, strict=False, assign=low_memory)
     # Our accounting must agree with PyTorch's: a disagreement is a bug, not a user error.
     # (PyTorch never lists BatchNorm's num_batches_tracked as missing; we do: it is a state_dict key.)
     assert not result.unexpected_keys, result.unexpected_keys
     assert set(result.missing_keys) <= set(report.missing) | {m.key for m in report.mismatched if m.action == "skipped"}
+    if low_memory:
+        still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+        if still_meta:
+            raise NeedsNormalBuild(f"{len(still_meta)} tensors stayed on the meta device, e.g. {still_meta[0]}")
 
 
 def suggest_remaps(missing: Sequence[str], unexpected: Sequence[str], shapes_missing: dict, shapes_unexpected: dict) -> list[RemapSuggestion]:
@@ -145,8 +199,28 @@ def check_expectations(report: LoadReport, expect, model: nn.Module, base_params
             )
 
 
-def load_checkpoint(model: nn.Module, ckpt_cfg, base_params: Sequence[str]) -> LoadReport:
-    contents = read_checkpoint(ckpt_cfg.path, ckpt_cfg.format.value, ckpt_cfg.select)
+LOW_MEMORY_AUTO_BYTES = 512 * 2**20
+
+
+def wants_low_memory(ckpt_cfg) -> bool:
+    """checkpoint.low_memory: true | false | auto (checkpoint files over 512 MB)."""
+    setting = ckpt_cfg.low_memory
+    if isinstance(setting, bool):
+        return setting
+    if str(setting).lower() in ("true", "false"):
+        return str(setting).lower() == "true"
+    if str(setting) != "auto":
+        raise CheckpointError(f"checkpoint.low_memory={setting!r} is not auto, true or false.", "use auto, true or false")
+    from pathlib import Path
+
+    path = Path(str(ckpt_cfg.path)).expanduser()
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.iterdir() if f.is_file()) > LOW_MEMORY_AUTO_BYTES
+    return path.is_file() and path.stat().st_size > LOW_MEMORY_AUTO_BYTES
+
+
+def load_checkpoint(model: nn.Module, ckpt_cfg, base_params: Sequence[str], low_memory: bool = False) -> LoadReport:
+    contents = read_checkpoint(ckpt_cfg.path, ckpt_cfg.format.value, ckpt_cfg.select, zero_copy=low_memory)
     keys = list(contents.state_dict)
     model_sd = model.state_dict()
     extra = [p for p in [dominant_prefix(keys)] if p] if contents.format == "lightning" else []
@@ -159,7 +233,7 @@ def load_checkpoint(model: nn.Module, ckpt_cfg, base_params: Sequence[str]) -> L
         ignored=mapping.ignored,
         unwrapped=mapping.unwrapped,
     )
-    match_and_load(model, contents.state_dict, mapping.names, ckpt_cfg.on_shape_mismatch, report)
+    match_and_load(model, contents.state_dict, mapping.names, ckpt_cfg.on_shape_mismatch, report, low_memory)
     if report.missing and report.unexpected:
         reverse = {name: orig for orig, name in mapping.names.items()}
         report.suggestions = suggest_remaps(

@@ -80,6 +80,42 @@ def _load_torch(path: Path) -> Any:
         ) from exc
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def _mmap_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors that are views into a private (copy-on-write) memory map of the file: nothing is
+    read until used, and nothing is copied when assigned into a model."""
+    import mmap
+
+    try:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        base = 8 + header_len
+        tensors = {}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            start, end = info["data_offsets"]
+            count = (end - start) // torch.empty((), dtype=dtype).element_size()
+            if end > len(mapped) - base:
+                raise ValueError(f"tensor {key} lies past the end of the file (truncated)")
+            flat = torch.frombuffer(mapped, dtype=dtype, count=count, offset=base + start) if count else torch.empty(0, dtype=dtype)
+            tensors[key] = flat.reshape(info["shape"])
+        return tensors
+    except (ValueError, KeyError, TypeError, struct.error, OSError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path} is not a valid safetensors file: {exc}",
+            "re-download or re-save the file; an interrupted copy is the usual cause",
+        ) from exc
+
+
 def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import SafetensorError, safe_open
 
@@ -176,7 +212,8 @@ def _shard_files(path: Path) -> list[Path]:
     return files
 
 
-def read_checkpoint(path_str: str, fmt: str = "auto", select: str = "auto") -> CheckpointContents:
+def read_checkpoint(path_str: str, fmt: str = "auto", select: str = "auto", zero_copy: bool = False) -> CheckpointContents:
+    """`zero_copy`: safetensors tensors are views into a memory map (torch files always are)."""
     path = Path(os.path.expanduser(path_str))
     if not path.exists():
         raise CheckpointError(
@@ -188,14 +225,14 @@ def read_checkpoint(path_str: str, fmt: str = "auto", select: str = "auto") -> C
         files = _shard_files(path)
         merged: dict[str, torch.Tensor] = {}
         for shard in files:
-            merged.update(read_checkpoint(str(shard), "auto", "auto").state_dict)
+            merged.update(read_checkpoint(str(shard), "auto", "auto", zero_copy).state_dict)
         return CheckpointContents(merged, "sharded", None, [str(f) for f in files])
 
     kind = sniff_format(path)
     if fmt not in ("auto", kind) and not (fmt == "lightning" and kind == "torch"):
         raise CheckpointError(f"checkpoint.format={fmt} but {path} contains {kind} data.", "use checkpoint.format=auto")
     if kind == "safetensors":
-        tensors, _metadata = _load_safetensors(path)
+        tensors = _mmap_safetensors(path) if zero_copy else _load_safetensors(path)[0]
         if select not in ("auto", ""):
             raise CheckpointError(f"checkpoint.select={select!r} does not apply to a safetensors file (it is flat).", "use select=auto")
         return CheckpointContents(tensors, "safetensors", None, [str(path)])

@@ -102,3 +102,14 @@ def make_dataset(n: int = 64, seed: int = 0, in_features: int = IN_FEATURES, num
     if delay:
         dataset = _Slow(dataset, delay)
     return dataset
+
+
+class RawScale(nn.Module):
+    """A module with a parameter but no reset_parameters(): the meta-device path cannot initialise it."""
+
+    def __init__(self, channels: int = HIDDEN):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale

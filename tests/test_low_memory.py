@@ -1,0 +1,71 @@
+"""checkpoint.low_memory: meta-device build + memory-mapped checkpoint + assign, and new modules
+initialised with their own reset_parameters(). Loaded values equal the textbook recipe's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from finetune.checkpoint.load import load_checkpoint, wants_low_memory
+from finetune.model import base_param_names, build_model
+from finetune.run import build_and_load_low_memory
+
+
+def textbook(cfg) -> dict[str, torch.Tensor]:
+    torch.manual_seed(cfg.seed)
+    model, edits = build_model(cfg.model)
+    load_checkpoint(model, cfg.checkpoint, base_param_names(model, edits))
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("ckpt", ["safetensors", "torch", "safetensors_module"])
+def test_loaded_values_equal_the_textbook_recipe(tiny_cfg, tiny_ckpts, ckpt):
+    cfg = tiny_cfg("checkpoint.low_memory=true", ckpt=getattr(tiny_ckpts, ckpt))
+    model, _, report = build_and_load_low_memory(cfg)
+    assert report is not None and report.init == "reset_parameters"
+    expected = textbook(cfg)
+    state = model.state_dict()
+    assert not any(t.is_meta for t in state.values())
+    for key in report.loaded:
+        assert torch.equal(state[key], expected[key]), key
+    # New modules got real values from their own reset_parameters(): the adapter's small init included.
+    assert set(report.missing) >= {"adapter1.down.weight", "adapter1.up.weight"}
+    assert torch.isfinite(state["adapter1.down.weight"]).all() and state["adapter1.down.weight"].abs().sum() > 0
+    assert state["adapter1.up.weight"].abs().max() < 0.05  # Adapter.reset_parameters scaled it (init_scale)
+    assert torch.equal(state["adapter1.up.bias"], torch.zeros_like(state["adapter1.up.bias"]))
+
+
+def test_skipped_head_is_initialised_and_adapt_works_on_meta(tiny_cfg, tiny_ckpts):
+    cfg = tiny_cfg("checkpoint.low_memory=true", "checkpoint.on_shape_mismatch=adapt")
+    model, _, report = build_and_load_low_memory(cfg)
+    adapted = {m.key: m for m in report.mismatched}
+    assert adapted["head.weight"].action == "adapted"
+    weight = model.state_dict()["head.weight"]
+    assert torch.equal(weight[:3], tiny_ckpts.state_dict["head.weight"][:3])  # overlapping rows copied
+
+
+def test_module_without_reset_parameters_falls_back_to_a_normal_build(tiny_cfg, caplog):
+    cfg = tiny_cfg("checkpoint.low_memory=true",
+                   "model.add=[{op: replace, at: head, module: {_target_: torch.nn.Linear, in_features: 16, out_features: 3}},"
+                   "{op: after, at: layer2, name: scale2, module: {_target_: tiny.RawScale}}]",
+                   "checkpoint.expect.missing=null")
+    model, _, report = build_and_load_low_memory(cfg)
+    assert report is None  # the caller loads normally
+    assert "building normally" in caplog.text and "no reset_parameters" in caplog.text
+    assert not any(t.is_meta for t in model.state_dict().values())
+
+
+def test_run_with_low_memory_trains(tiny_cfg, tmp_path):
+    import json
+
+    from finetune.run import run
+
+    summary = run(tiny_cfg("checkpoint.low_memory=true"), tmp_path / "run")
+    assert summary["status"] == "completed"
+    assert json.loads((tmp_path / "run" / "load_report.json").read_text())["init"] == "reset_parameters"
+
+
+def test_wants_low_memory(tiny_cfg, tiny_ckpts):
+    assert wants_low_memory(tiny_cfg().checkpoint) is False  # auto: a tiny file
+    assert wants_low_memory(tiny_cfg("checkpoint.low_memory=true").checkpoint) is True
+    assert wants_low_memory(tiny_cfg("checkpoint.low_memory=false").checkpoint) is False

@@ -115,6 +115,11 @@ class Loop:
     progress: Progress = field(default_factory=Progress)
     verify_frozen: Callable[[], None] = lambda: None  # compares frozen tensors with their checksums at the start
 
+    def __post_init__(self) -> None:
+        # Loss scaling for fp16 on CUDA; a no-op otherwise. Its state is part of checkpoints/last.pt.
+        fp16_cuda = self.trainer.precision is Precision.fp16 and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16_cuda)
+
     def evaluate(self) -> dict[str, float]:
         return evaluate(self.model, self.val_loader, self.device, self.trainer.precision)
 
@@ -175,7 +180,7 @@ class Loop:
         t, p = self.trainer, self.progress
         steps_per_epoch = math.ceil(len(self.train_loader) / t.grad_accum)
         total_steps = t.max_steps or steps_per_epoch * t.epochs
-        scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision is Precision.fp16 and self.device.type == "cuda")
+        scaler = self.scaler
         monitor_split, _, monitor_name = t.monitor.partition("/")
         mark = time.perf_counter()
 

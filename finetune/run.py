@@ -225,6 +225,7 @@ def train(cfg, run_dir: Path, model, plan, audit: GradAudit, report, resume_from
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": loop.scaler.state_dict(),
             "rng": rng_state(),
             "progress": asdict(p),
             "audit": audit.to_json(),
@@ -242,6 +243,8 @@ def train(cfg, run_dir: Path, model, plan, audit: GradAudit, report, resume_from
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state["scheduler"] is not None:
             scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            loop.scaler.load_state_dict(state["scaler"])
         for key, value in state["audit"].items():
             setattr(audit, key, value)
         set_rng_state(state["rng"])

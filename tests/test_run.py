@@ -147,7 +147,8 @@ def test_model_safetensors_loads_strictly_into_rebuilt_model(completed):
 def test_last_pt_holds_full_training_state(completed):
     _, run_dir, _ = completed
     state = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
-    assert {"model", "optimizer", "scheduler", "rng", "progress"} <= set(state)
+    assert {"model", "optimizer", "scheduler", "scaler", "rng", "progress", "config", "audit"} <= set(state)
+    assert set(state["rng"]) >= {"torch", "numpy", "python"}
     assert state["progress"]["step"] == 8 and state["progress"]["epoch"] == 3  # the next epoch to run
     assert len(state["optimizer"]["state"]) == sum(len(g["params"]) for g in state["optimizer"]["param_groups"])
 

@@ -287,7 +287,6 @@ class Loop:
 
 class _NoBar:
     enabled = False
-    total = 0
 
     def update(self, n: int) -> None: ...
     def set_postfix(self, **kwargs) -> None: ...

@@ -141,7 +141,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         summary = base_summary("dry_run", time.perf_counter() - started)
         write_json(run_dir / "summary.json", summary)
         return summary
-    return train(cfg, run_dir, model, plan, audit, report, resume_from, started)
+    return train(cfg, run_dir, model, plan, audit, resume_from, started, lr, weight_decay)
 
 
 def build_and_load_low_memory(cfg):
@@ -179,7 +179,8 @@ def base_summary(status: str, wall_s: float, **fields) -> dict:
     }
 
 
-def train(cfg, run_dir: Path, model, plan, audit: GradAudit, report, resume_from: Path | None, started: float) -> dict:
+def train(cfg, run_dir: Path, model, plan, audit: GradAudit, resume_from: Path | None, started: float,
+          lr: float, weight_decay: float) -> dict:
     # Heavy imports only when training: a dry run never builds an optimizer (that imports torch._dynamo).
     from hydra.utils import instantiate
 
@@ -193,7 +194,6 @@ def train(cfg, run_dir: Path, model, plan, audit: GradAudit, report, resume_from
     if cfg.trainer.compile:
         model.compile()  # in place: parameter names (and every file we write) stay the same
     train_loader, val_loader, sampler = build_loaders(cfg.data, cfg.seed, cfg.data.pin_memory and device.type == "cuda")
-    lr, weight_decay = optimizer_defaults(cfg.optim.optimizer)
     optimizer = instantiate(cfg.optim.optimizer)(param_groups(model, plan))
     check_optimizer_matches(model, optimizer)
     scheduler = build_scheduler(cfg, optimizer, len(train_loader)) if cfg.optim.scheduler else None

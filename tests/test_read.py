@@ -31,21 +31,14 @@ def test_reads_safetensors_and_torch(tiny_ckpts):
         assert same_tensors(contents.state_dict, tiny_ckpts.state_dict)
 
 
-def test_pt_file_that_is_really_safetensors(tiny_ckpts, tmp_path):
-    disguised = tmp_path / "weights.pt"
-    shutil.copy(tiny_ckpts.safetensors, disguised)
-    assert sniff_format(disguised) == "safetensors"
+@pytest.mark.parametrize("source, name, fmt", [("safetensors", "weights.pt", "safetensors"),
+                                               ("torch", "weights.safetensors", "torch")])
+def test_format_decided_by_content_not_extension(tiny_ckpts, tmp_path, source, name, fmt):
+    disguised = tmp_path / name
+    shutil.copy(getattr(tiny_ckpts, source), disguised)
+    assert sniff_format(disguised) == fmt
     contents = read_checkpoint(str(disguised))
-    assert contents.format == "safetensors"
-    assert same_tensors(contents.state_dict, tiny_ckpts.state_dict)
-
-
-def test_safetensors_file_that_is_really_torch(tiny_ckpts, tmp_path):
-    disguised = tmp_path / "weights.safetensors"
-    shutil.copy(tiny_ckpts.torch, disguised)
-    assert sniff_format(disguised) == "torch"
-    contents = read_checkpoint(str(disguised))
-    assert contents.format == "torch"
+    assert contents.format == fmt
     assert same_tensors(contents.state_dict, tiny_ckpts.state_dict)
 
 

@@ -116,13 +116,12 @@ def _mmap_safetensors(path: Path) -> dict[str, torch.Tensor]:
         ) from exc
 
 
-def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            return {key: f.get_tensor(key) for key in f.keys()}, metadata
+            return {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(
             f"checkpoint {path} is not a valid safetensors file: {exc}",
@@ -232,7 +231,7 @@ def read_checkpoint(path_str: str, fmt: str = "auto", select: str = "auto", zero
     if fmt not in ("auto", kind) and not (fmt == "lightning" and kind == "torch"):
         raise CheckpointError(f"checkpoint.format={fmt} but {path} contains {kind} data.", "use checkpoint.format=auto")
     if kind == "safetensors":
-        tensors = _mmap_safetensors(path) if zero_copy else _load_safetensors(path)[0]
+        tensors = _mmap_safetensors(path) if zero_copy else _load_safetensors(path)
         if select not in ("auto", ""):
             raise CheckpointError(f"checkpoint.select={select!r} does not apply to a safetensors file (it is flat).", "use select=auto")
         return CheckpointContents(tensors, "safetensors", None, [str(path)])

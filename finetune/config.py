@@ -171,6 +171,7 @@ class TrainerConfig:
     save: SavedWeights = SavedWeights.final  # what model.safetensors holds: the final or the best epoch's weights
     skip_nonfinite: bool = False  # skip batches whose loss is NaN/Inf instead of stopping (a sync per batch)
     tensorboard: Optional[bool] = None  # null: write TensorBoard events when tensorboard is installed
+    nproc: int = 1  # >1: DDP over that many processes on this machine, spawned from this run (gloo on CPU)
 
 
 @dataclass

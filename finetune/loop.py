@@ -1,6 +1,10 @@
 """Train and evaluate. Reads top to bottom: AMP, accumulation, audit, checkpointing all visible.
 
 No host sync in the step (no `.item()`), except at log intervals and on the first step's audit.
+Under DDP every rank runs this same loop in lockstep: forwards go through the DDP wrapper
+(`net`), everything else (audit, checksums, state_dict, evaluation) uses the bare `model`, and
+every decision that changes the control flow (stop, non-finite loss, best epoch) is taken on
+values all-reduced across ranks, so all ranks take it at the same step.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from finetune.audit import GradAudit, audit_gradients
 from finetune.config import MonitorMode, Precision
+from finetune.distributed import SINGLE, StopVote, World
 from finetune.errors import TrainingError
 from finetune.metrics_log import MetricsLog
 from finetune.policy import check_optimizer_matches, unfreeze, unfreeze_due
@@ -55,8 +60,10 @@ def autocast(device: torch.device, precision: Precision):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precision: Precision) -> dict[str, float]:
-    """Mean loss and top-1 accuracy (and top-5 with more than 5 classes); one host sync at the end."""
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precision: Precision,
+             world: World = SINGLE) -> dict[str, float]:
+    """Mean loss and top-1 accuracy (and top-5 with more than 5 classes); one host sync at the end.
+    Under DDP each rank evaluates its shard and the sums are all-reduced: every sample counts once."""
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
@@ -72,9 +79,12 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precisi
         correct += (top[:, 0] == targets).sum()
         correct5 += (top == targets[:, None]).any(dim=1).sum()
         count += targets.numel()
-    values = {"loss": loss_sum.item() / count, "acc": correct.item() / count}
+    sums = torch.stack([loss_sum, correct.double(), correct5.double(), torch.tensor(float(count), device=device, dtype=torch.float64)])
+    loss_total, correct_total, correct5_total, count_total = world.sum_(sums).tolist()
+    num_classes = int(world.max_(torch.tensor([num_classes])).item())
+    values = {"loss": loss_total / count_total, "acc": correct_total / count_total}
     if num_classes > 5:
-        values["top5"] = correct5.item() / count
+        values["top5"] = correct5_total / count_total
     return values
 
 
@@ -93,6 +103,7 @@ class Progress:
     train_samples: int = 0  # counted after the warm-up steps
     train_seconds: float = 0.0
     skipped_nonfinite: int = 0  # batches skipped under trainer.skip_nonfinite
+    world_size: int = 1  # processes that trained: `batch` counts each rank's batches
 
 
 @dataclass
@@ -114,20 +125,49 @@ class Loop:
     save_best: Callable[[], None]
     progress: Progress = field(default_factory=Progress)
     verify_frozen: Callable[[], None] = lambda: None  # compares frozen tensors with their checksums at the start
+    world: World = SINGLE
 
     def __post_init__(self) -> None:
         # Loss scaling for fp16 on CUDA; a no-op otherwise. Its state is part of checkpoints/last.pt.
         fp16_cuda = self.trainer.precision is Precision.fp16 and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16_cuda)
+        self.net: nn.Module = self.model  # what training forwards go through (DDP's wrapper under DDP)
+        self.progress.world_size = self.world.size
+
+    def wrap(self) -> None:
+        """(Re)build the DDP wrapper: DDP only syncs the parameters that required grad when it was
+        built, so this runs again after every unfreeze. Every trainable parameter must get a
+        gradient in every step (the step-1 audit enforces it), so DDP needs no search for unused
+        parameters, except where policy.allow_no_grad declares some."""
+        self.net = self.model  # drop the old wrapper (and its gradient hooks) first
+        self.net = self.world.wrap(self.model, self.device, find_unused_parameters=bool(self.policy.allow_no_grad))
+
+    def no_sync(self, closes_step: bool):
+        """Under DDP, micro-batches that do not close an optimizer step skip the gradient all-reduce."""
+        if self.world.is_distributed and not closes_step:
+            return self.net.no_sync()
+        return contextlib.nullcontext()
+
+    def global_sum(self, value: torch.Tensor) -> float:
+        """`value` summed over all ranks (a host sync)."""
+        return self.world.sum_(value.detach().clone()).item()
 
     def evaluate(self) -> dict[str, float]:
-        return evaluate(self.model, self.val_loader, self.device, self.trainer.precision)
+        self.world.broadcast_buffers(self.model)  # evaluate, on every rank, the model rank 0 saves
+        return evaluate(self.model, self.val_loader, self.device, self.trainer.precision, self.world)
 
     def autocast(self):
         return autocast(self.device, self.trainer.precision)
 
     # ---- policy over time -------------------------------------------------------------------
     def apply_unfreezes(self) -> None:
+        p = self.progress
+        unfrozen_before = len(p.unfrozen)
+        self._apply_unfreezes()
+        if len(p.unfrozen) > unfrozen_before:
+            self.wrap()
+
+    def _apply_unfreezes(self) -> None:
         p = self.progress
         for index, entry in unfreeze_due(self.policy, p.epoch, p.step):
             if index in p.unfrozen:
@@ -177,29 +217,38 @@ class Loop:
 
     def fit(self, stop: StopRequest) -> str:
         """Run until the epochs or max_steps are done, or a signal asks to stop. Returns the status."""
-        t, p = self.trainer, self.progress
+        vote = StopVote(self.world)  # a signal to any rank stops all ranks at the same step
+        status = self._fit(stop, vote)
+        vote.close()
+        return status
+
+    def _fit(self, stop: StopRequest, vote: StopVote) -> str:
+        t, p, world = self.trainer, self.progress, self.world
         steps_per_epoch = math.ceil(len(self.train_loader) / t.grad_accum)
         total_steps = t.max_steps or steps_per_epoch * t.epochs
         scaler = self.scaler
         monitor_split, _, monitor_name = t.monitor.partition("/")
+        self.wrap()
         mark = time.perf_counter()
 
         while p.epoch <= t.epochs and p.step < total_steps:
             self.apply_unfreezes()
-            self.model.train()
+            self.net.train()
             self.sampler.set_epoch(p.epoch, start=p.batch * self.train_loader.batch_size)
-            batches_left = len(self.train_loader) - p.batch
-            bar = progress_bar(t.progress, total=len(self.train_loader), initial=p.batch, desc=f"epoch {p.epoch}/{t.epochs}")
+            batches_left = len(self.train_loader)  # the sampler already skips the p.batch seen ones
+            bar = progress_bar(t.progress and world.is_main, total=p.batch + batches_left, initial=p.batch,
+                               desc=f"epoch {p.epoch}/{t.epochs}")
             loss_sum = torch.zeros((), device=self.device)  # since the last log line
             logged_batches, micro, step_samples = 0, 0, 0
+            stopping = False
             for inputs, targets in self.train_loader:
                 inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
                 if t.channels_last and inputs.dim() == 4:
                     inputs = inputs.contiguous(memory_format=torch.channels_last)
                 if t.skip_nonfinite:  # the forward of a bad batch also moves BatchNorm statistics: keep a copy
                     buffers_before = [b.detach().clone() for b in self.model.buffers()]
-                with self.autocast():
-                    loss = F.cross_entropy(self.model(inputs), targets)
+                with self.autocast(), self.no_sync(closes_step=micro + 1 >= t.grad_accum or batches_left == 1):
+                    loss = F.cross_entropy(self.net(inputs), targets)
                 if t.skip_nonfinite and not torch.isfinite(loss):  # opt-in: costs a host sync per batch
                     with torch.no_grad():
                         for buffer, saved in zip(self.model.buffers(), buffers_before):
@@ -240,11 +289,12 @@ class Loop:
                 now = time.perf_counter()
                 if p.step > WARMUP_STEPS:
                     p.train_seconds += now - mark
-                    p.train_samples += step_samples
+                    p.train_samples += step_samples * world.size  # every rank's batch is the same size
                 mark, micro, step_samples = now, 0, 0
 
                 if p.step % t.log_every == 0 or batches_left == 0:
-                    mean_loss = loss_sum.item() / logged_batches  # the only host sync, once per log interval
+                    # The only host sync, once per log interval: the mean over all ranks' batches.
+                    mean_loss = self.global_sum(loss_sum) / (logged_batches * world.size)
                     self.check_finite(mean_loss)
                     lr = self.optimizer.param_groups[0]["lr"]
                     self.metrics.log(p.epoch, p.step, "train", {"loss": mean_loss, "lr": lr})
@@ -254,16 +304,17 @@ class Loop:
                         log.info("epoch %d step %d/%d  loss %.4f  lr %.3g  %.0f samples/s", p.epoch, p.step, total_steps, mean_loss, lr, rate)
                     loss_sum.zero_()
                     logged_batches = 0
-                if stop.received or p.step >= total_steps:
+                stopping = vote.poll(stop.received is not None)
+                if stopping or p.step >= total_steps:
                     break
                 if t.checkpoint_every and p.step % t.checkpoint_every == 0 and batches_left > 0:
-                    self.check_finite(loss_sum.item())  # every step since the last log line
+                    self.check_finite(self.global_sum(loss_sum))  # every step since the last log line
                     self.save_state(p)
                     mark = time.perf_counter()
             bar.close()
 
-            if stop.received and batches_left > 0:
-                self.check_finite(loss_sum.item())
+            if stopping and batches_left > 0:
+                self.check_finite(self.global_sum(loss_sum))
                 self.save_state(p)
                 return "interrupted"
             # ---- end of epoch: evaluate, keep the best, checkpoint ----
@@ -280,7 +331,7 @@ class Loop:
             p.batch = 0
             self.save_state(p)
             mark = time.perf_counter()
-            if stop.received:
+            if vote.settle(stop.received is not None):
                 return "interrupted"
         return "completed"
 

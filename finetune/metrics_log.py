@@ -50,6 +50,13 @@ class MetricsLog:
             self._tensorboard.close()
 
 
+class NoMetricsLog:
+    """What ranks > 0 log to under DDP: nothing (rank 0 logs the values all-reduced over ranks)."""
+
+    def log(self, epoch: int, step: int, split: str, values: dict[str, float]) -> None: ...
+    def close(self) -> None: ...
+
+
 def read_metrics(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return [{**r, "epoch": int(r["epoch"]), "step": int(r["step"]), "value": float(r["value"])} for r in csv.DictReader(f)]

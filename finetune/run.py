@@ -1,7 +1,8 @@
 """One run, stage by stage: config → model → checkpoint → policy → loop → reports.
 
 `run(cfg, run_dir)` is what the `finetune` command calls inside Hydra, and what tests call
-in-process with a config composed by Hydra's compose API.
+in-process with a config composed by Hydra's compose API. Under DDP every rank runs it; only
+rank 0 writes into the run directory.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from finetune import render
 from finetune.audit import GradAudit, checksums, compare_checksums, frozen_tensors
 from finetune.checkpoint.load import NeedsNormalBuild, check_expectations, load_checkpoint, wants_low_memory
 from finetune.config import SavedWeights
-from finetune.errors import FinetuneError, RunDirError
+from finetune.distributed import World, current_world, device_for, spawn
+from finetune.errors import ConfigError, FinetuneError, RunDirError, TrainingError
 from finetune.model import base_param_names, build_model, pick_device
 from finetune.policy import apply_plan, check_optimizer_matches, optimizer_defaults, param_groups, plan_training
 from finetune.state import BEST, LAST, load_training_state, rng_state, save_training_state, save_weights, set_rng_state, write_atomic, write_json
@@ -102,12 +104,22 @@ def check_run_dir(run_dir: Path, resume: str) -> Path | None:
     return None
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
+def run(cfg: DictConfig, run_dir: Path, world: World | None = None, started: float | None = None) -> dict:
+    """One run. `world`: this process's rank (None: one process, or the ranks torchrun started;
+    with trainer.nproc > 1 this process becomes rank 0 and spawns the others)."""
     run_dir = Path(run_dir)
-    started = time.perf_counter()
+    started = time.perf_counter() if started is None else started
+    if world is None:
+        world = current_world()
+        if cfg.trainer.nproc > 1 and not cfg.dry_run:
+            check_distributed_config(cfg)
+            return spawn(run_as_rank, cfg.trainer.nproc, pick_device(cfg.trainer.device).type, resolved(cfg), run_dir, started)
     if cfg.dry_run:
         check_dry_run_dir(run_dir)
     resume_from = None if cfg.dry_run else check_run_dir(run_dir, cfg.trainer.resume)
+    if world.is_distributed:
+        check_distributed_config(cfg)
+        world.barrier()  # every rank has looked at the run directory before rank 0 writes to it
     seed_everything(cfg.seed)
 
     report = None
@@ -118,7 +130,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     sources: dict[str, str] = {}
     if cfg.checkpoint.path:
         if report is None:
-            report = load_checkpoint(model, cfg.checkpoint, base_param_names(model, edits))
+            # Several ranks memory-map the file (shared page cache) rather than each reading a copy.
+            report = load_checkpoint(model, cfg.checkpoint, base_param_names(model, edits), mmap=world.is_distributed)
         try:
             check_expectations(report, cfg.checkpoint.expect, model, base_param_names(model, edits))
         finally:
@@ -133,15 +146,42 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     apply_plan(model, plan)
     render.show(render.format_trainability(plan))
     audit = GradAudit()
-    if report is not None:
-        write_json(run_dir / "load_report.json", report.to_json())
-    write_json(run_dir / "trainability.json", trainability_json(plan, audit))
+    if world.is_main:
+        if report is not None:
+            write_json(run_dir / "load_report.json", report.to_json())
+        write_json(run_dir / "trainability.json", trainability_json(plan, audit))
 
     if cfg.dry_run:
         summary = base_summary("dry_run", time.perf_counter() - started)
-        write_json(run_dir / "summary.json", summary)
+        if world.is_main:
+            write_json(run_dir / "summary.json", summary)
         return summary
-    return train(cfg, run_dir, model, plan, audit, resume_from, started, lr, weight_decay)
+    return train(cfg, run_dir, model, plan, audit, resume_from, started, lr, weight_decay, world)
+
+
+def run_as_rank(world: World, cfg: DictConfig, run_dir: Path, started: float) -> dict:
+    """What each of the trainer.nproc processes runs (a module-level function: spawn pickles it).
+    `started` is rank 0's clock (the only rank that reports wall_s)."""
+    return run(cfg, run_dir, world, started)
+
+
+def resolved(cfg: DictConfig) -> DictConfig:
+    """A copy with every interpolation resolved here, where Hydra's resolvers are available:
+    spawned ranks receive plain values."""
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def check_distributed_config(cfg) -> None:
+    if cfg.trainer.skip_nonfinite:
+        raise ConfigError(
+            "trainer.skip_nonfinite is not supported with several processes: a batch skipped on one "
+            "rank would leave the others waiting in the gradient all-reduce.",
+            "set trainer.skip_nonfinite=false (a non-finite loss then stops the run with a resumable checkpoint)",
+        )
 
 
 def build_and_load_low_memory(cfg):
@@ -168,8 +208,8 @@ def base_summary(status: str, wall_s: float, **fields) -> dict:
         "epochs": 0,
         "steps": 0,
         "wall_s": round(wall_s, 3),
-        "world_size": 1,
-        "ranks_in_sync": None,
+        "world_size": 1,  # the processes that trained (DDP ranks)
+        "ranks_in_sync": None,  # under DDP: whether all ranks ended with identical parameters
         "resumed_from": None,
         "best": None,
         "final": {},
@@ -180,20 +220,23 @@ def base_summary(status: str, wall_s: float, **fields) -> dict:
 
 
 def train(cfg, run_dir: Path, model, plan, audit: GradAudit, resume_from: Path | None, started: float,
-          lr: float, weight_decay: float) -> dict:
+          lr: float, weight_decay: float, world: World) -> dict:
     # Heavy imports only when training: a dry run never builds an optimizer (that imports torch._dynamo).
     from hydra.utils import instantiate
 
     from finetune.data import build_loaders
     from finetune.loop import Loop, Progress
-    from finetune.metrics_log import MetricsLog, tensorboard_wanted
+    from finetune.metrics_log import MetricsLog, NoMetricsLog, tensorboard_wanted
     from finetune.signals import StopRequest
 
-    device = pick_device(cfg.trainer.device)
+    device = device_for(world, pick_device(cfg.trainer.device))
     model.to(device, memory_format=torch.channels_last) if cfg.trainer.channels_last else model.to(device)
     if cfg.trainer.compile:
         model.compile()  # in place: parameter names (and every file we write) stay the same
-    train_loader, val_loader, sampler = build_loaders(cfg.data, cfg.seed, cfg.data.pin_memory and device.type == "cuda")
+    train_loader, val_loader, sampler = build_loaders(cfg.data, cfg.seed, cfg.data.pin_memory and device.type == "cuda",
+                                                      world.rank, world.size)
+    if world.rank > 0:  # dropout and augmentations differ between ranks; rank 0 draws what one process draws
+        seed_everything(rank_seed(cfg.seed, world.rank))
     optimizer = instantiate(cfg.optim.optimizer)(param_groups(model, plan))
     check_optimizer_matches(model, optimizer)
     scheduler = build_scheduler(cfg, optimizer, len(train_loader)) if cfg.optim.scheduler else None
@@ -209,6 +252,7 @@ def train(cfg, run_dir: Path, model, plan, audit: GradAudit, resume_from: Path |
                 "rerun with the original overrides, or start a new run directory",
             )
         progress = Progress(**state["progress"])
+        check_resume_world(resume_from, progress, world)
         log.info("resuming from %s: epoch %d, step %d", resume_from, progress.epoch, progress.step)
 
     provenance = {
@@ -217,26 +261,32 @@ def train(cfg, run_dir: Path, model, plan, audit: GradAudit, resume_from: Path |
         "config": OmegaConf.to_yaml(cfg, resolve=True),
         "format": "pt",
     }
+    tensorboard = tensorboard_wanted(cfg.trainer.tensorboard)
     metrics = MetricsLog(run_dir / "metrics.csv", resume_step=progress.step if state else None,
-                         tensorboard_dir=run_dir / "tensorboard" if tensorboard_wanted(cfg.trainer.tensorboard) else None)
+                         tensorboard_dir=run_dir / "tensorboard" if tensorboard else None) if world.is_main else NoMetricsLog()
 
     def save_state(p: Progress) -> None:
+        rngs = world.gather(rng_state())  # called on every rank: each rank's RNG goes into the file
+        if not world.is_main:
+            return
         save_training_state(run_dir / LAST, {
-            "model": model.state_dict(),
+            "model": model.state_dict(),  # the bare model's: the same names as one process writes
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "scaler": loop.scaler.state_dict(),
-            "rng": rng_state(),
+            "rng": rngs[0],
+            "rng_ranks": rngs if world.is_distributed else None,
             "progress": asdict(p),
             "audit": audit.to_json(),
             "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
         })
 
     def save_best() -> None:
-        save_weights(run_dir / BEST, model.state_dict(), provenance)
+        if world.is_main:
+            save_weights(run_dir / BEST, model.state_dict(), provenance)
 
     loop = Loop(model, optimizer, scheduler, train_loader, val_loader, sampler, cfg.trainer, cfg.policy, device,
-                metrics, audit, lr, weight_decay, save_state, save_best, progress)
+                metrics, audit, lr, weight_decay, save_state, save_best, progress, world=world)
     if state is not None:
         loop.restore_unfreezes(progress.unfrozen)  # the optimizer groups that existed when the state was saved
         model.load_state_dict(state["model"])
@@ -247,29 +297,40 @@ def train(cfg, run_dir: Path, model, plan, audit: GradAudit, resume_from: Path |
             loop.scaler.load_state_dict(state["scaler"])
         for key, value in state["audit"].items():
             setattr(audit, key, value)
-        set_rng_state(state["rng"])
+        restore_rng(state, world, cfg.seed)
 
     before = checksums(frozen_tensors(model, plan))
     loop.verify_frozen = verify_frozen = lambda: compare_checksums(before, checksums(frozen_tensors(model, plan)), audit)
     status = "failed"
     try:
-        with StopRequest() as stop, log_above_progress_bars(cfg.trainer.progress):
+        # Under DDP a signal twice within a second is one request (a launcher may forward what
+        # the process already got).
+        with StopRequest(repeat_grace_s=1.0 if world.is_distributed else 0.0) as stop, \
+                log_above_progress_bars(cfg.trainer.progress and world.is_main):
             status = loop.fit(stop)
     except FinetuneError as exc:
-        write_json(run_dir / "summary.json", base_summary("failed", time.perf_counter() - started, error=str(exc),
-                                                           epochs=progress.epoch - 1, steps=progress.step))
-        write_json(run_dir / "trainability.json", trainability_json(plan, audit))
+        if world.is_main:
+            write_json(run_dir / "summary.json", base_summary("failed", time.perf_counter() - started, error=str(exc),
+                                                               epochs=progress.epoch - 1, steps=progress.step,
+                                                               world_size=world.size))
+            write_json(run_dir / "trainability.json", trainability_json(plan, audit))
         raise
     finally:
         metrics.close()
 
     verify_frozen()
-    write_json(run_dir / "trainability.json", trainability_json(plan, audit))
+    in_sync = world.in_sync(model)
+    if world.is_main:
+        write_json(run_dir / "trainability.json", trainability_json(plan, audit))
     if audit.frozen_unchanged and audit.frozen_verified:
         log.info("frozen audit: %d frozen tensors verified unchanged while frozen (checksums)", len(audit.frozen_verified))
     elif not audit.frozen_unchanged:
         log.error("frozen tensors changed during training: %s", audit.changed_frozen[:10])
-    if status == "completed":
+    if in_sync is False:
+        fail_out_of_sync(run_dir, world, started, progress)
+    if in_sync:
+        log.info("ranks in sync: all %d ranks ended with bit-identical parameters", world.size)
+    if status == "completed" and world.is_main:
         if cfg.trainer.save is SavedWeights.best and (run_dir / BEST).exists():
             import shutil
 
@@ -289,12 +350,60 @@ def train(cfg, run_dir: Path, model, plan, audit: GradAudit, resume_from: Path |
         final=p.final,
         throughput={"train_samples_per_s": round(p.train_samples / p.train_seconds, 2) if p.train_seconds else None},
         skipped_nonfinite=p.skipped_nonfinite,
+        world_size=world.size,
+        ranks_in_sync=in_sync,
     )
     if stop.received:
         summary["signal"] = stop.received
         summary["exit_code"] = stop.exit_code
-    write_json(run_dir / "summary.json", summary)
+    if world.is_main:
+        write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    return seed + 1_000_003 * rank
+
+
+def restore_rng(state: dict, world: World, seed: int) -> None:
+    """Each rank continues its own random stream; with another number of ranks than the saved
+    run, ranks > 0 start a new one."""
+    saved = state.get("rng_ranks")
+    if saved and len(saved) == world.size:
+        set_rng_state(saved[world.rank])
+        return
+    set_rng_state(state["rng"])
+    if world.rank > 0:
+        seed_everything(rank_seed(seed, world.rank) + state["progress"]["step"])
+
+
+def check_resume_world(path: Path, progress, world: World) -> None:
+    """A mid-epoch checkpoint counts each rank's batches: resume it with the same number of ranks."""
+    if progress.batch and progress.world_size != world.size:
+        raise RunDirError(
+            f"{path} was written in the middle of an epoch by {progress.world_size} process(es); this run has {world.size}.",
+            f"resume with {progress.world_size} (trainer.nproc={progress.world_size} or torchrun --nproc_per_node=...), "
+            "or start a new run directory",
+        )
+    if progress.world_size != world.size:
+        log.warning("resuming a run of %d process(es) with %d: the global batch changes to data.batch_size × %d",
+                    progress.world_size, world.size, world.size)
+
+
+def fail_out_of_sync(run_dir: Path, world: World, started: float, progress) -> None:
+    """Ranks ended with different parameters: gradient synchronisation is broken. Nothing may pass
+    for a finished run, so no model.safetensors; the status is failed."""
+    error = TrainingError(
+        f"the {world.size} ranks ended with different parameters (ranks_in_sync=false): gradients were not "
+        "synchronised, so the weights are not what training on the whole data set gives. model.safetensors was not written.",
+        "check for code that changes parameters on some ranks only or bypasses DDP's forward; report it if none",
+    )
+    log.error("%s", error.problem)
+    if world.is_main:
+        write_json(run_dir / "summary.json", base_summary("failed", time.perf_counter() - started, error=error.problem,
+                                                           epochs=progress.epoch - 1, steps=progress.step,
+                                                           world_size=world.size, ranks_in_sync=False))
+    raise error
 
 
 def log_above_progress_bars(enabled: bool):

@@ -219,8 +219,11 @@ def wants_low_memory(ckpt_cfg) -> bool:
     return path.is_file() and path.stat().st_size > LOW_MEMORY_AUTO_BYTES
 
 
-def load_checkpoint(model: nn.Module, ckpt_cfg, base_params: Sequence[str], low_memory: bool = False) -> LoadReport:
-    contents = read_checkpoint(ckpt_cfg.path, ckpt_cfg.format.value, ckpt_cfg.select, zero_copy=low_memory)
+def load_checkpoint(model: nn.Module, ckpt_cfg, base_params: Sequence[str], low_memory: bool = False,
+                    mmap: bool = False) -> LoadReport:
+    """`mmap`: read safetensors through a memory map even when copying into a built model (under
+    DDP the ranks then share the page cache instead of each holding a whole copy)."""
+    contents = read_checkpoint(ckpt_cfg.path, ckpt_cfg.format.value, ckpt_cfg.select, zero_copy=low_memory or mmap)
     keys = list(contents.state_dict)
     model_sd = model.state_dict()
     extra = [p for p in [dominant_prefix(keys)] if p] if contents.format == "lightning" else []

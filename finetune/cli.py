@@ -14,7 +14,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from finetune import config as _config  # noqa: F401  (registers the schema and resolvers)
-from finetune.errors import FinetuneError
+from finetune import distributed
+from finetune.errors import ConfigError, FinetuneError
 from finetune.paths import config_dir
 
 log = logging.getLogger("finetune")
@@ -32,11 +33,16 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    world = distributed.current_world()
+    if world.is_distributed and world.is_main:
+        distributed.announce_run_dir(str(run_dir.resolve()))  # the other ranks wait for it in main()
     try:
         summary = run(cfg, run_dir)
     except FinetuneError as exc:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
+        if not world.is_main:  # rank 0 reports it; a rank's own error is marked with its rank
+            print(f"[rank{world.rank}] ", end="", file=sys.stderr)
         report_error(exc)
         if hydra_cfg.mode == RunMode.MULTIRUN:
             # The sweep goes on; this job's row in sweep_summary.csv says why it failed.
@@ -50,14 +56,42 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     status = summary["status"]
     log.info("%s: %s", status, run_dir)
     if status == "interrupted":
-        print(f"finetune: interrupted; resume with the same command and hydra.run.dir={run_dir}", file=sys.stderr)
+        if world.is_main:
+            print(f"finetune: interrupted; resume with the same command and hydra.run.dir={run_dir}", file=sys.stderr)
         sys.exit(summary.get("exit_code", 130))
     best = summary.get("best") or {}
     return best.get("value")
 
 
 def main() -> None:
-    _hydra_main()
+    world = distributed.torchrun_world()
+    if world is None:
+        _hydra_main()
+        return
+    torchrun_main(world)
+
+
+def torchrun_main(world: distributed.World) -> None:
+    """One rank of `torchrun --nproc_per_node=N -m finetune ...`: join the process group, then run
+    Hydra in the directory rank 0's Hydra chose (ranks start at slightly different instants, so a
+    timestamped hydra.run.dir would differ, and each rank would reserve its own)."""
+    if any(arg in ("-m", "--multirun") for arg in sys.argv[1:]):
+        if world.is_main:
+            report_error(ConfigError("--multirun under torchrun: every rank would launch the whole sweep.",
+                                     "run the sweep without torchrun and set trainer.nproc=N for DDP inside each job"))
+        sys.exit(2)
+    distributed.init_from_env(world)
+    try:
+        if not world.is_main:
+            run_dir = distributed.wait_for_run_dir()
+            if not run_dir:
+                sys.exit(0)  # rank 0 stopped before a run (--help, --cfg, or an error it reports)
+            sys.argv += distributed.follower_overrides(run_dir)
+        _hydra_main()
+    finally:
+        if world.is_main:
+            distributed.announce_run_dir(None)  # unblocks the others if Hydra stopped before the run
+        distributed.teardown()
 
 
 def inspect_main(argv: list[str] | None = None) -> None:

@@ -113,3 +113,64 @@ class RawScale(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.scale
+
+
+# ---- for the DDP tests (tests/test_distributed.py) ---------------------------------------------
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class DriftOnRank1(TinyNet):
+    """Moves a parameter on rank 1 only, outside autograd: what a broken gradient sync looks like."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and _rank() == 1:
+            with torch.no_grad():
+                self.head.bias.add_(1e-3)
+        return super().forward(x)
+
+
+class _FailOnRank1(Dataset):
+    """Raises while rank 1 (only) fetches its `after`-th sample: a failure in one worker process."""
+
+    def __init__(self, inner: Dataset, after: int):
+        self.inner, self.after, self.fetched = inner, after, 0
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, index: int):
+        self.fetched += 1
+        if _rank() == 1 and self.fetched == self.after:
+            raise OSError("simulated read error on rank 1")
+        return self.inner[index]
+
+
+def failing_on_rank1(after: int, n: int = 64, seed: int = 0) -> Dataset:
+    return _FailOnRank1(make_dataset(n, seed), after)
+
+
+def ddp_collectives(world) -> list[dict]:
+    """Run on every rank through finetune.distributed.spawn; rank 0 returns every rank's findings."""
+    from finetune.distributed import StopVote
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    found = {"in_sync": world.in_sync(model)}
+    if world.rank == 1:
+        with torch.no_grad():
+            model.bias[0] = torch.nextafter(model.bias[0], torch.tensor(2.0))  # one bit of one element
+    found["drifted_in_sync"] = world.in_sync(model)
+    vote, found["stopped_at"] = StopVote(world), None
+    for step in range(1, 10):  # rank 1 is asked to stop in step 3
+        if vote.poll(world.rank == 1 and step >= 3):
+            found["stopped_at"] = step
+            break
+    vote.close()
+    found["any"] = world.any(world.rank == 1)
+    found["sum"] = world.sum_(torch.tensor([float(world.rank + 1)])).item()
+    return world.gather(found)

@@ -187,7 +187,8 @@ class FinetuneConfig:
 
 def register_configs() -> None:
     """Register the schema as `finetune_schema` (conf/config.yaml lists it first in its defaults)
-    and the `finetune_asset` resolver, which gives the path of a file shipped with the package."""
+    and the resolvers: `finetune_asset` (the path of a file shipped with the package) and
+    `finetune_unique_dir` (a run or sweep directory no other process holds)."""
     from omegaconf import OmegaConf
 
     ConfigStore.instance().store(name="finetune_schema", node=FinetuneConfig)
@@ -195,6 +196,10 @@ def register_configs() -> None:
         from finetune.demo import asset
 
         OmegaConf.register_new_resolver("finetune_asset", asset)
+    if not OmegaConf.has_resolver("finetune_unique_dir"):
+        from finetune.paths import reserve_dir
+
+        OmegaConf.register_new_resolver("finetune_unique_dir", reserve_dir, use_cache=True)
 
 
 register_configs()

@@ -123,6 +123,7 @@ class PolicyConfig:
     freeze: List[str] = field(default_factory=list)
     train: List[str] = field(default_factory=list)
     new: NewParams = NewParams.train
+    new_lr_mult: float = 1.0  # lr multiplier of new parameters not named in policy.groups (e.g. 10 for a new head)
     bn: NormMode = NormMode.follow
     groups: List[ParamGroupSpec] = field(default_factory=list)
     unfreeze: List[UnfreezeStep] = field(default_factory=list)
@@ -188,7 +189,8 @@ class FinetuneConfig:
 def register_configs() -> None:
     """Register the schema as `finetune_schema` (conf/config.yaml lists it first in its defaults)
     and the resolvers: `finetune_asset` (the path of a file shipped with the package) and
-    `finetune_unique_dir` (a run or sweep directory no other process holds)."""
+    `finetune_unique_dir` (a run or sweep directory no other process holds) and
+    `finetune_direction` (trainer.mode as an Optuna direction)."""
     from omegaconf import OmegaConf
 
     ConfigStore.instance().store(name="finetune_schema", node=FinetuneConfig)
@@ -200,6 +202,13 @@ def register_configs() -> None:
         from finetune.paths import reserve_dir
 
         OmegaConf.register_new_resolver("finetune_unique_dir", reserve_dir, use_cache=True)
+    if not OmegaConf.has_resolver("finetune_direction"):
+        OmegaConf.register_new_resolver("finetune_direction", optuna_direction)
+
+
+def optuna_direction(mode) -> str:
+    """trainer.mode (max | min) as an Optuna study direction (maximize | minimize)."""
+    return "minimize" if str(getattr(mode, "value", mode)) == "min" else "maximize"
 
 
 register_configs()

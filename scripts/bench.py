@@ -1,6 +1,7 @@
 """Benchmarks, measured as ratios inside one process (these machines are noisy).
 
     python scripts/bench.py audit            # gradient/frozen audit overhead vs a training epoch
+    python scripts/bench.py sweep            # per-job sweep overhead; joblib n_jobs=2 vs serial
     python scripts/bench.py all --out bench_results.json
 
 Results are printed and written as JSON (default: bench_results.json).
@@ -167,9 +168,59 @@ def bench_train(rounds: int = 3, batch_size: int = 64, image_size: int = 64, siz
             "ratios": [round(r, 4) for r in ratios], "median_ratio": round(median, 4)}
 
 
+def run_sweep(sweep_dir: Path, overrides: list[str]) -> float:
+    """Wall time of one `finetune --multirun` command, imports and process start included."""
+    import subprocess
+
+    exe = Path(sys.executable).parent / "finetune"
+    start = time.perf_counter()
+    done = subprocess.run([str(exe), "--multirun", f"hydra.sweep.dir={sweep_dir}", "trainer.progress=false",
+                           "trainer.tensorboard=false", *overrides], capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"sweep failed:\n{done.stderr[-2000:]}")
+    return elapsed
+
+
+def bench_sweep(rounds: int = 3, train_epochs: int = 12) -> dict:
+    """(a) Per-job overhead: an 8-job sweep of demo dry runs against a 1-job sweep, both with the basic
+    launcher (jobs in one process): (T8 - T1) / 7 is what each job after the first costs.
+    (b) Oversubscription: 4 demo training jobs with joblib n_jobs=2 against the same 4 jobs run serially.
+    Whole commands are timed (imports and worker start-up included); rounds alternate, medians reported."""
+    import statistics
+
+    def median(xs):
+        return round(statistics.median(xs), 3)
+
+    one, eight, serial, parallel, threads = [], [], [], [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        run_sweep(tmp / "warm", ["dry_run=true", "seed=0"])  # demo data cache, page cache
+        for r in range(rounds):
+            one.append(run_sweep(tmp / f"one{r}", ["dry_run=true", "seed=0"]))
+            eight.append(run_sweep(tmp / f"eight{r}", ["dry_run=true", "seed=range(8)"]))
+        jobs = ["optim.optimizer.lr=1e-3,2e-3,3e-3,5e-3", f"trainer.epochs={train_epochs}"]
+        for r in range(rounds):
+            serial.append(run_sweep(tmp / f"serial{r}", jobs))
+            parallel.append(run_sweep(tmp / f"joblib{r}", [*jobs, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]))
+            for kind in ("serial", "joblib"):
+                threads[kind] = sorted({json.loads((tmp / f"{kind}{r}" / str(j) / "summary.json").read_text())["torch_threads"]
+                                        for j in range(4)})
+    per_job = [(e - o) / 7 for e, o in zip(eight, one)]
+    ratios = [p / s for p, s in zip(parallel, serial)]
+    return {
+        "per_job_overhead": {"one_job_sweep_s": [round(x, 3) for x in one], "eight_job_sweep_s": [round(x, 3) for x in eight],
+                             "per_job_after_first_s": [round(x, 3) for x in per_job], "median_per_job_s": median(per_job),
+                             "target_s": 0.5},
+        "joblib_vs_serial": {"jobs": 4, "epochs_per_job": train_epochs, "serial_s": [round(x, 2) for x in serial],
+                             "joblib_n_jobs_2_s": [round(x, 2) for x in parallel], "ratios": [round(x, 3) for x in ratios],
+                             "median_ratio": median(ratios), "target": 1.05, "torch_threads_per_job": threads},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", nargs="?", default="all", choices=["audit", "train", "all"])
+    parser.add_argument("what", nargs="?", default="all", choices=["audit", "train", "sweep", "all"])
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results.json")
     args = parser.parse_args()
     os.environ.setdefault("FINETUNE_CACHE", str(Path(tempfile.gettempdir()) / "finetune-bench-cache"))
@@ -181,6 +232,8 @@ def main() -> None:
         results["audit"] = bench_audit()
     if args.what in ("train", "all"):
         results["train"] = bench_train()
+    if args.what in ("sweep", "all"):
+        results["sweep"] = bench_sweep()
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
     previous.update(results)
     args.out.write_text(json.dumps(previous, indent=2) + "\n")

@@ -88,6 +88,27 @@ def test_summary_of_jobs_that_failed_or_never_finished(tmp_path):
     assert read_rows(tmp_path / "sweep_summary.csv")[1]["threads"] == "1"
 
 
+def hydra_config(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from finetune.paths import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_provided_slurm_launcher_and_search_configs_compose():
+    from omegaconf import OmegaConf
+
+    slurm = hydra_config("hydra/launcher=slurm", "hydra.launcher.partition=gpu").hydra.launcher
+    assert slurm._target_.endswith("SlurmLauncher") and slurm.partition == "gpu" and slurm.tasks_per_node == 1
+    assert slurm.cpus_per_task == 8 and slurm.gpus_per_node == 1
+    search = hydra_config("hydra/sweeper=search", "trainer.mode=min", "trainer.monitor=val/loss").hydra.sweeper
+    assert search._target_.endswith("OptunaSweeper") and search.direction == "minimize"
+    assert set(OmegaConf.to_container(search.params)) == {"optim.optimizer.lr", "policy.new_lr_mult", "policy"}
+    assert hydra_config("hydra/sweeper=search").hydra.sweeper.direction == "maximize"
+
+
 # ---- real sweeps ---------------------------------------------------------------------------------
 
 

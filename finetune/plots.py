@@ -64,12 +64,12 @@ def plot_sweep(rows: list[dict], best: dict | None, out: Path) -> None:
     axes = axes[0]
     ok = [(i, s) for i, s in enumerate(scores) if s is not None]
     bad = [i for i, s in enumerate(scores) if s is None]
-    floor = min((s for _, s in ok), default=0.0)
     if ok:
         axes[0].bar([i for i, _ in ok], [s for _, s in ok], color="tab:blue")
     if bad:
-        axes[0].scatter(bad, [floor] * len(bad), marker="x", color="tab:red", s=60, zorder=3, label="failed / unfinished")
-        axes[0].legend(loc="lower right")
+        axes[0].scatter(bad, [0.0] * len(bad), marker="x", color="tab:red", s=60, zorder=3, clip_on=False,
+                        label="failed / unfinished")
+        axes[0].legend(loc="best")
     axes[0].set_xticks(range(len(rows)), [r["job"] for r in rows])
     axes[0].set(xlabel="job", ylabel=metric, title="best per job")
     for ax, (key, values) in zip(axes[1:], swept):
@@ -91,7 +91,8 @@ def plot_sweep(rows: list[dict], best: dict | None, out: Path) -> None:
                 if rows[i] is best:
                     ax.scatter([float(v) if numeric else sorted({x for x in values if x is not None}).index(v)], [s],
                                s=160, facecolors="none", edgecolors="tab:orange", linewidths=2, label="best")
-                    ax.legend(loc="lower right")
+                    ax.legend(loc="best")
+        ax.margins(x=0.1, y=0.15)
         ax.set(xlabel=key, ylabel=metric, title=key)
     for ax in axes:
         ax.grid(alpha=0.3)

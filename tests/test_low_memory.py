@@ -44,6 +44,21 @@ def test_skipped_head_is_initialised_and_adapt_works_on_meta(tiny_cfg, tiny_ckpt
     assert torch.equal(weight[:3], tiny_ckpts.state_dict["head.weight"][:3])  # overlapping rows copied
 
 
+def test_shape_overrides_on_meta(tiny_cfg, tiny_ckpts):
+    cfg = tiny_cfg("checkpoint.low_memory=true", "checkpoint.on_shape_mismatch=error",
+                   "checkpoint.shape_overrides=[{keys: head.weight, action: adapt}, {keys: 'head.*', action: skip}]")
+    model, _, report = build_and_load_low_memory(cfg)
+    assert {m.key: (m.action, m.rule) for m in report.mismatched} == {
+        "head.weight": ("adapted", "checkpoint.shape_overrides[0]"), "head.bias": ("skipped", "checkpoint.shape_overrides[1]")}
+    state = model.state_dict()
+    assert not any(t.is_meta for t in state.values())
+    assert torch.equal(state["head.weight"][:3], tiny_ckpts.state_dict["head.weight"][:3])
+    assert torch.isfinite(state["head.bias"]).all()  # skipped: the head's own reset_parameters()
+    expected = textbook(cfg)
+    for key in report.loaded:
+        assert torch.equal(state[key], expected[key]), key
+
+
 def test_module_without_reset_parameters_falls_back_to_a_normal_build(tiny_cfg, caplog):
     cfg = tiny_cfg("checkpoint.low_memory=true",
                    "model.add=[{op: replace, at: head, module: {_target_: torch.nn.Linear, in_features: 16, out_features: 3}},"

@@ -99,7 +99,9 @@ def materialize_new(model: nn.Module, new_keys: set[str]) -> list[str]:
             chosen.append(name)  # partly new: materialise its own tensors; loaded ones are assigned after
     for name in chosen:
         module = model.get_submodule(name)
-        module.to_empty(device="cpu", recurse=name in whole)
+        # As module.to_empty(device="cpu"), without torch.empty_like on meta tensors: its Python reference
+        # implementation imports sympy on first use (~0.4 s, most of a low-memory dry run).
+        module._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device="cpu"), recurse=name in whole)
         resets = [module] if hasattr(module, "reset_parameters") else [m for m in module.modules() if hasattr(m, "reset_parameters")]
         if not resets:
             raise NeedsNormalBuild(f"{name or 'the model'} ({type(module).__name__}) has no reset_parameters()")

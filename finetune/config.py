@@ -84,6 +84,14 @@ class RemapRule:
 
 
 @dataclass
+class ShapeOverride:
+    """One entry of `checkpoint.shape_overrides`: the shape policy for the model keys it names."""
+
+    keys: Any = MISSING  # an fnmatch glob over model keys, or a list of globs
+    action: ShapePolicy = MISSING  # error | skip | adapt
+
+
+@dataclass
 class ExpectConfig:
     missing: Optional[List[str]] = None  # null: not declared; a list: exactly these may be missing
     unexpected: Optional[List[str]] = None
@@ -99,6 +107,7 @@ class CheckpointConfig:
     ignore: List[str] = field(default_factory=list)
     auto_unwrap: bool = True
     on_shape_mismatch: ShapePolicy = ShapePolicy.error
+    shape_overrides: List[ShapeOverride] = field(default_factory=list)  # first entry whose keys match wins
     low_memory: Any = "auto"  # auto | true | false (Any: YAML true/false are booleans)
     expect: ExpectConfig = field(default_factory=ExpectConfig)
 

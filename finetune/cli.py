@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -36,6 +37,20 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     world = distributed.current_world()
     if world.is_distributed and world.is_main:
         distributed.announce_run_dir(str(run_dir.resolve()))  # the other ranks wait for it in main()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if multirun:
+        from finetune.sweep import completed_result, limit_threads
+
+        limit_threads(hydra_cfg.launcher)
+        try:
+            done = completed_result(run_dir, cfg)
+        except FinetuneError as exc:  # the sweep dir holds another sweep: stop before touching it
+            report_error(exc)
+            sys.exit(exc.exit_code)
+        if done is not None:  # a rerun of the sweep: this job finished before
+            log.info("job %s already completed in %s: skipped", hydra_cfg.job.num, run_dir)
+            return done
+    started = time.time()
     try:
         summary = run(cfg, run_dir)
     except FinetuneError as exc:
@@ -44,14 +59,16 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         if not world.is_main:  # rank 0 reports it; a rank's own error is marked with its rank
             print(f"[rank{world.rank}] ", end="", file=sys.stderr)
         report_error(exc)
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            # The sweep goes on; this job's row in sweep_summary.csv says why it failed.
+        if multirun:
+            # The sweep goes on; this job's row in the sweep summary says why it failed, and a
+            # NaN tells an Optuna sweeper the trial failed.
             from finetune.run import base_summary
             from finetune.state import write_json
 
-            if not (run_dir / "summary.json").exists():
+            previous = run_dir / "summary.json"
+            if not previous.exists() or previous.stat().st_mtime < started:  # none from this attempt
                 write_json(run_dir / "summary.json", base_summary("failed", 0.0, error=str(exc)))
-            raise
+            return float("nan")
         sys.exit(exc.exit_code)
     status = summary["status"]
     log.info("%s: %s", status, run_dir)

@@ -84,6 +84,14 @@ class RemapRule:
 
 
 @dataclass
+class ShapeOverride:
+    """One entry of `checkpoint.shape_overrides`: the shape policy for the model keys it names."""
+
+    keys: Any = MISSING  # an fnmatch glob over model keys, or a list of globs
+    action: ShapePolicy = MISSING  # error | skip | adapt
+
+
+@dataclass
 class ExpectConfig:
     missing: Optional[List[str]] = None  # null: not declared; a list: exactly these may be missing
     unexpected: Optional[List[str]] = None
@@ -99,6 +107,7 @@ class CheckpointConfig:
     ignore: List[str] = field(default_factory=list)
     auto_unwrap: bool = True
     on_shape_mismatch: ShapePolicy = ShapePolicy.error
+    shape_overrides: List[ShapeOverride] = field(default_factory=list)  # first entry whose keys match wins
     low_memory: Any = "auto"  # auto | true | false (Any: YAML true/false are booleans)
     expect: ExpectConfig = field(default_factory=ExpectConfig)
 
@@ -123,6 +132,7 @@ class PolicyConfig:
     freeze: List[str] = field(default_factory=list)
     train: List[str] = field(default_factory=list)
     new: NewParams = NewParams.train
+    new_lr_mult: float = 1.0  # lr multiplier of new parameters not named in policy.groups (e.g. 10 for a new head)
     bn: NormMode = NormMode.follow
     groups: List[ParamGroupSpec] = field(default_factory=list)
     unfreeze: List[UnfreezeStep] = field(default_factory=list)
@@ -188,7 +198,9 @@ class FinetuneConfig:
 
 def register_configs() -> None:
     """Register the schema as `finetune_schema` (conf/config.yaml lists it first in its defaults)
-    and the `finetune_asset` resolver, which gives the path of a file shipped with the package."""
+    and the resolvers: `finetune_asset` (the path of a file shipped with the package) and
+    `finetune_unique_dir` (a run or sweep directory no other process holds) and
+    `finetune_direction` (trainer.mode as an Optuna direction)."""
     from omegaconf import OmegaConf
 
     ConfigStore.instance().store(name="finetune_schema", node=FinetuneConfig)
@@ -196,6 +208,17 @@ def register_configs() -> None:
         from finetune.demo import asset
 
         OmegaConf.register_new_resolver("finetune_asset", asset)
+    if not OmegaConf.has_resolver("finetune_unique_dir"):
+        from finetune.paths import reserve_dir
+
+        OmegaConf.register_new_resolver("finetune_unique_dir", reserve_dir, use_cache=True)
+    if not OmegaConf.has_resolver("finetune_direction"):
+        OmegaConf.register_new_resolver("finetune_direction", optuna_direction)
+
+
+def optuna_direction(mode) -> str:
+    """trainer.mode (max | min) as an Optuna study direction (maximize | minimize)."""
+    return "minimize" if str(getattr(mode, "value", mode)) == "min" else "maximize"
 
 
 register_configs()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,26 +35,19 @@ _SAFETENSORS_DTYPES = {
 
 
 def list_tensors(path: str, fmt: str = "auto", select: str = "auto") -> tuple[str, list[TensorInfo]]:
-    from finetune.checkpoint.read import read_checkpoint, sniff_format
+    from finetune.checkpoint.read import read_checkpoint, safetensors_header, sniff_format
 
     target = Path(path).expanduser()
     if target.is_file() and not target.name.endswith(".index.json") and sniff_format(target) == "safetensors":
-        from safetensors import safe_open
-
+        header, _ = safetensors_header(target)  # the header alone: no tensor data is read
         infos = []
-        try:
-            with safe_open(str(target), framework="pt") as f:
-                for key in f.keys():
-                    sl = f.get_slice(key)
-                    shape = list(sl.get_shape())
-                    dtype = sl.get_dtype()
-                    numel = 1
-                    for d in shape:
-                        numel *= d
-                    name, itemsize = _SAFETENSORS_DTYPES.get(dtype, (dtype.lower(), 0))
-                    infos.append(TensorInfo(key, shape, name, numel, numel * itemsize))
-        except Exception as exc:
-            raise FinetuneError(f"{target} is not a valid safetensors file: {exc}", "re-download or re-save it") from exc
+        for key, entry in header.items():
+            if key == "__metadata__":
+                continue
+            shape = list(entry["shape"])
+            numel = math.prod(shape)
+            name, itemsize = _SAFETENSORS_DTYPES.get(entry["dtype"], (str(entry["dtype"]).lower(), 0))
+            infos.append(TensorInfo(key, shape, name, numel, numel * itemsize))
         return "safetensors", infos
     contents = read_checkpoint(path, fmt, select)
     return contents.format, [

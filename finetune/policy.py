@@ -149,10 +149,13 @@ def plan_training(model: nn.Module, sources: dict[str, str], policy, lr: float, 
             idx = next((i for i, members in enumerate(group_members) if name in members), None)
             spec = group_specs[idx] if idx is not None else None
             base = "default" if idx is None else f"groups[{idx}]"
+            mult = 1.0 if spec is None else float(spec.lr_mult)
+            if spec is None and name in new_names and policy.new_lr_mult != 1:
+                base, mult = "new", float(policy.new_lr_mult)
             wd = weight_decay if spec is None or spec.weight_decay is None else float(spec.weight_decay)
             if not policy.decay_norm_and_bias and is_no_decay(name, param):
                 wd, base = 0.0, base + "/no_decay"
-            group_lr = lr * (1.0 if spec is None else float(spec.lr_mult))
+            group_lr = lr * mult
             groups.setdefault(base, GroupPlan(base, [], group_lr, wd)).params.append(name)
             plans.append(ParamPlan(name, list(param.shape), param.numel(), sources.get(name, "checkpoint"), True, group_lr, wd, base))
         else:

@@ -12,7 +12,7 @@ import re
 from collections import OrderedDict
 from typing import Callable, Iterable, Sequence
 
-from finetune.checkpoint.report import LoadReport
+from finetune.checkpoint.report import LoadReport, Mismatch
 from finetune.policy import TrainPlan
 
 log = logging.getLogger("finetune.report")
@@ -137,7 +137,8 @@ def format_load_report(report: LoadReport) -> str:
         _table(["model keys", "keys", "loaded", "missing", "skipped", "adapted", "remapped"], rows),
     ]
     for m in report.mismatched:
-        lines.append(f"  mismatched {m.key}: checkpoint {m.checkpoint_shape} -> model {m.model_shape}: {m.action} ({m.detail})")
+        by = f" by {m.rule}" if m.rule != Mismatch.rule else ""
+        lines.append(f"  mismatched {m.key}: checkpoint {m.checkpoint_shape} -> model {m.model_shape}: {m.action}{by} ({m.detail})")
     if report.unexpected:
         groups = group_keys(report.unexpected)
         lines.append("  unexpected (in the checkpoint, unused): " + ", ".join(f"{g} ({len(k)})" for g, k in groups.items()))

@@ -1,6 +1,9 @@
-"""Benchmarks, measured as ratios inside one process (these machines are noisy).
+"""Benchmarks, measured as ratios of runs side by side (these machines are noisy).
 
     python scripts/bench.py audit            # gradient/frozen audit overhead vs a training epoch
+    python scripts/bench.py sweep            # per-job sweep overhead; joblib n_jobs=2 vs serial
+    python scripts/bench.py train            # training throughput vs a hand-written loop
+    python scripts/bench.py load             # 1 GB checkpoint: finetune dry run vs the textbook and bare recipes
     python scripts/bench.py all --out bench_results.json
 
 Results are printed and written as JSON (default: bench_results.json).
@@ -18,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -167,9 +171,264 @@ def bench_train(rounds: int = 3, batch_size: int = 64, image_size: int = 64, siz
             "ratios": [round(r, 4) for r in ratios], "median_ratio": round(median, 4)}
 
 
+def run_sweep(sweep_dir: Path, overrides: list[str]) -> float:
+    """Wall time of one `finetune --multirun` command, imports and process start included."""
+    import subprocess
+
+    exe = Path(sys.executable).parent / "finetune"
+    start = time.perf_counter()
+    done = subprocess.run([str(exe), "--multirun", f"hydra.sweep.dir={sweep_dir}", "trainer.progress=false",
+                           "trainer.tensorboard=false", *overrides], capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"sweep failed:\n{done.stderr[-2000:]}")
+    return elapsed
+
+
+def bench_sweep(rounds: int = 3, train_epochs: int = 12) -> dict:
+    """(a) Per-job overhead: an 8-job sweep of demo dry runs against a 1-job sweep, both with the basic
+    launcher (jobs in one process): (T8 - T1) / 7 is what each job after the first costs.
+    (b) Oversubscription: 4 demo training jobs with joblib n_jobs=2 against the same 4 jobs run serially.
+    Whole commands are timed (imports and worker start-up included); rounds alternate, medians reported."""
+    import statistics
+
+    def median(xs):
+        return round(statistics.median(xs), 3)
+
+    one, eight, serial, parallel, threads = [], [], [], [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        run_sweep(tmp / "warm", ["dry_run=true", "seed=0"])  # demo data cache, page cache
+        for r in range(rounds):
+            one.append(run_sweep(tmp / f"one{r}", ["dry_run=true", "seed=0"]))
+            eight.append(run_sweep(tmp / f"eight{r}", ["dry_run=true", "seed=range(8)"]))
+        jobs = ["optim.optimizer.lr=1e-3,2e-3,3e-3,5e-3", f"trainer.epochs={train_epochs}"]
+        for r in range(rounds):
+            serial.append(run_sweep(tmp / f"serial{r}", jobs))
+            parallel.append(run_sweep(tmp / f"joblib{r}", [*jobs, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]))
+            for kind in ("serial", "joblib"):
+                threads[kind] = sorted({json.loads((tmp / f"{kind}{r}" / str(j) / "summary.json").read_text())["torch_threads"]
+                                        for j in range(4)})
+    per_job = [(e - o) / 7 for e, o in zip(eight, one)]
+    ratios = [p / s for p, s in zip(parallel, serial)]
+    return {
+        "per_job_overhead": {"one_job_sweep_s": [round(x, 3) for x in one], "eight_job_sweep_s": [round(x, 3) for x in eight],
+                             "per_job_after_first_s": [round(x, 3) for x in per_job], "median_per_job_s": median(per_job),
+                             "target_s": 0.5},
+        "joblib_vs_serial": {"jobs": 4, "epochs_per_job": train_epochs, "serial_s": [round(x, 2) for x in serial],
+                             "joblib_n_jobs_2_s": [round(x, 2) for x in parallel], "ratios": [round(x, 3) for x in ratios],
+                             "median_ratio": median(ratios), "target": 1.05, "torch_threads_per_job": threads},
+    }
+
+
+# ---- load: a ~1 GB checkpoint -----------------------------------------------------------------
+
+
+class LinearStack(nn.Module):
+    """Model A of the load benchmark: `depth` x Linear(width, width); 16 x 4096^2 fp32 is 1.07 GB."""
+
+    def __init__(self, width: int = 4096, depth: int = 16):
+        super().__init__()
+        self.blocks = nn.Sequential(*[nn.Linear(width, width) for _ in range(depth)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
+class LinearStackWithHead(LinearStack):
+    """Model B written by hand for the baselines: model A + a new head. Its state_dict keys are those
+    of finetune's `model.add: [{op: after, at: blocks, name: head, ...}]`."""
+
+    def __init__(self, width: int = 4096, depth: int = 16, num_classes: int = 10):
+        super().__init__(width, depth)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x))
+
+
+LOAD_CONFIGS = {  # {width} and {depth} are filled in
+    "model/load_bench.yaml": """\
+base: {_target_: bench.LinearStack, width: {width}, depth: {depth}}
+add:
+  - {op: after, at: blocks, name: head, module: {_target_: torch.nn.Linear, in_features: {width}, out_features: 10}}
+""",
+    "checkpoint/load_bench.yaml": """\
+path: ???
+expect: {missing: ['head.*'], unexpected: []}
+""",
+}
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident set size. Linux: VmHWM, the high-water mark of this process's own
+    memory map. (getrusage's ru_maxrss also counts the forked image before exec, i.e. the parent's
+    resident memory when it started this process.)"""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+LOAD_METHODS = ["finetune", "textbook", "bare", "bare_cpu_head"]
+
+
+def load_child(method: str, ckpt: str, conf_dir: str, run_dir: str, out: str, width: str, depth: str) -> None:
+    """One measurement in a fresh process. The clock starts after the imports each method needs
+    (what is imported lazily during the work is part of the work) and stops when the model holds
+    the checkpoint's weights (for finetune: when the dry run has written its reports)."""
+    width_, depth_ = int(width), int(depth)
+    fmt = "safetensors" if ckpt.endswith(".safetensors") else "pt"
+    if method == "finetune":
+        import finetune.cli
+        import finetune.run  # imported by the command before any work
+    elif fmt == "safetensors":
+        from safetensors.torch import load_file
+    rss_imports = _peak_rss_mb()
+    stages: dict[str, float] = {}
+    start = time.perf_counter()
+    if method == "finetune":
+        sys.argv = ["finetune", "--config-dir", conf_dir, "model=load_bench", "checkpoint=load_bench",
+                    f"checkpoint.path={ckpt}", "dry_run=true", f"hydra.run.dir={run_dir}", "trainer.progress=false"]
+        with timed_functions([(finetune.run, "run")], stages):  # run(): build, read, load, policy, reports
+            try:
+                finetune.cli.main()
+            except SystemExit as exc:
+                if exc.code:
+                    raise
+    elif method == "textbook":  # build normally, read the whole file, copy into the model
+        torch.manual_seed(0)
+        model = LinearStackWithHead(width_, depth_)
+        state_dict = load_file(ckpt) if fmt == "safetensors" else torch.load(ckpt, map_location="cpu", weights_only=True)
+        model.load_state_dict(state_dict, strict=False)
+    else:  # bare: meta-device build, memory-mapped file, assign, materialise the new head
+        with torch.device("meta"):
+            model = LinearStackWithHead(width_, depth_)
+        state_dict = load_file(ckpt) if fmt == "safetensors" else torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+        model.load_state_dict(state_dict, strict=False, assign=True)
+        if method == "bare":  # PyTorch's documented way; the first to_empty imports sympy (~0.3 s)
+            model.head.to_empty(device="cpu")
+            model.head.reset_parameters()
+        else:  # bare_cpu_head: the head built again, on the CPU
+            model.head = nn.Linear(width_, 10)
+    result = {"wall_s": time.perf_counter() - start, "peak_rss_mb": _peak_rss_mb(), "rss_after_imports_mb": rss_imports}
+    if method == "finetune":
+        result["run_s"] = stages["run"]
+        report = json.loads((Path(run_dir) / "load_report.json").read_text())
+        result["counts"], result["init"] = report["counts"], report["init"]
+    Path(out).write_text(json.dumps(result))
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def _write_load_checkpoints(root: Path, width: int, depth: int) -> dict[str, Path]:
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    state_dict = LinearStack(width, depth).state_dict()
+    files = {"pt": root / "model_a.pt", "safetensors": root / "model_a.safetensors"}
+    torch.save(state_dict, files["pt"])
+    save_file(state_dict, str(files["safetensors"]))
+    return files
+
+
+def bench_load(rounds: int = 3, width: int = 4096, depth: int = 16) -> dict:
+    """Peak RSS and wall time of loading a ~1 GB checkpoint (.pt and .safetensors) into model A + a
+    new head: `finetune dry_run=true` (checkpoint.low_memory auto: on above 512 MB) vs the textbook
+    recipe (normal build, full read, load_state_dict(strict=False)) vs the bare recipe (meta build,
+    memory map, assign=True, head materialised with to_empty + reset_parameters; and a variant that
+    builds the head on the CPU instead). Each measurement is a fresh process; the order of methods
+    rotates every round; medians over rounds. The checkpoint files are deleted at the end."""
+    import subprocess
+
+    methods = LOAD_METHODS
+    with tempfile.TemporaryDirectory(prefix="finetune-load-bench-") as tmp:
+        tmp_path = Path(tmp)
+        conf_dir = tmp_path / "conf"
+        for rel, text in LOAD_CONFIGS.items():
+            (conf_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            (conf_dir / rel).write_text(text.replace("{width}", str(width)).replace("{depth}", str(depth)))
+        files = _write_load_checkpoints(tmp_path, width, depth)  # the parent's memory is freed on return
+        sizes = {fmt: path.stat().st_size for fmt, path in files.items()}
+        print(f"load   checkpoint {sizes['pt'] / 1e9:.2f} GB (.pt), {sizes['safetensors'] / 1e9:.2f} GB (.safetensors); "
+              f"{depth} x Linear({width}, {width}) + a new Linear({width}, 10) head")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent),
+                                                            *filter(None, [os.environ.get("PYTHONPATH")])])}
+        runs: dict[str, dict[str, list[dict]]] = {fmt: {m: [] for m in methods} for fmt in files}
+        for round_ in range(rounds):
+            for fmt, path in files.items():
+                shift = round_ % len(methods)
+                for method in methods[shift:] + methods[:shift]:  # who goes first rotates
+                    out, run_dir = tmp_path / "result.json", tmp_path / f"run-{fmt}-{method}-{round_}"
+                    begun = time.perf_counter()
+                    proc = subprocess.run([sys.executable, __file__, "_load_child", method, str(path), str(conf_dir),
+                                           str(run_dir), str(out), str(width), str(depth)], env=env, capture_output=True, text=True)
+                    process_s = time.perf_counter() - begun
+                    if proc.returncode != 0:
+                        raise SystemExit(f"load bench: {method} on {path.name} failed:\n{proc.stdout}{proc.stderr}")
+                    result = {**json.loads(out.read_text()), "process_wall_s": process_s}
+                    runs[fmt][method].append(result)
+                    print(f"load   round {round_ + 1} {fmt:11s} {method:13s} {result['wall_s']:5.2f} s after imports "
+                          f"({process_s:5.2f} s whole process), peak RSS {result['peak_rss_mb']:5.0f} MB")
+        results = {}
+        for fmt in files:
+            med = {m: {k: _median([r[k] for r in runs[fmt][m]]) for k in runs[fmt][m][0] if isinstance(runs[fmt][m][0][k], float)}
+                   for m in methods}
+            ratio = lambda key, a, b: round(med[a][key] / med[b][key], 3)
+            ratios = {
+                "rss_finetune_over_textbook": ratio("peak_rss_mb", "finetune", "textbook"),
+                "rss_finetune_over_bare": ratio("peak_rss_mb", "finetune", "bare"),
+                "time_finetune_over_textbook": ratio("wall_s", "finetune", "textbook"),
+                "time_finetune_over_bare": ratio("wall_s", "finetune", "bare"),
+                "time_finetune_over_bare_cpu_head": ratio("wall_s", "finetune", "bare_cpu_head"),
+                "time_bare_over_textbook": ratio("wall_s", "bare", "textbook"),
+                "process_time_finetune_over_textbook": ratio("process_wall_s", "finetune", "textbook"),
+                "process_time_finetune_over_bare": ratio("process_wall_s", "finetune", "bare"),
+                "process_time_bare_over_textbook": ratio("process_wall_s", "bare", "textbook"),
+            }
+            results[fmt] = {
+                "checkpoint_bytes": sizes[fmt],
+                "median": {m: {k: round(v, 3) for k, v in med[m].items()} for m in methods},
+                "ratios": ratios,
+                "finetune_load_report": {"counts": runs[fmt]["finetune"][0]["counts"], "init": runs[fmt]["finetune"][0]["init"]},
+                "runs": {m: [{k: round(v, 3) for k, v in r.items() if isinstance(v, float)} for r in runs[fmt][m]] for m in methods},
+            }
+            print(f"load   {fmt:11s} medians after imports: " + ", ".join(
+                f"{m} {med[m]['wall_s']:.2f} s / {med[m]['peak_rss_mb']:.0f} MB" for m in methods))
+            print(f"load   {fmt:11s} peak RSS finetune/textbook {ratios['rss_finetune_over_textbook']:.3f} (target <= 0.6); "
+                  f"time finetune/textbook {ratios['time_finetune_over_textbook']:.3f}" + (" (target <= 0.6)" if fmt == "pt" else "")
+                  + f"; finetune/bare {ratios['time_finetune_over_bare']:.3f}" + (" (target <= 1.15)" if fmt == "safetensors" else "")
+                  + f"; finetune/bare_cpu_head {ratios['time_finetune_over_bare_cpu_head']:.3f}")
+    return {
+        "model": f"{depth} x Linear({width}, {width}) + new Linear({width}, 10) head",
+        "rounds": rounds,
+        "timed": "wall_s: in a fresh process per measurement, from after its imports (torch; safetensors.torch; for "
+                 "finetune also finetune.cli and finetune.run) until the model holds the weights (finetune: the whole "
+                 "`finetune dry_run=true` command: Hydra composes the config, then run() builds, loads, applies the "
+                 "policy and writes the reports; run_s is run() alone). process_wall_s: the whole process, interpreter "
+                 "start and imports included. peak_rss_mb: VmHWM of that process. The checkpoint file is in the page "
+                 "cache. bare: meta build + mmap + assign + head.to_empty() + reset_parameters() (to_empty's first use "
+                 "imports sympy, ~0.3 s); bare_cpu_head: the same with the head built on the CPU instead.",
+        **results,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", nargs="?", default="all", choices=["audit", "train", "all"])
+    if len(sys.argv) > 1 and sys.argv[1] == "_load_child":  # one measurement of `bench_load`, in its own process
+        load_child(*sys.argv[2:9])
+        return
+    parser.add_argument("what", nargs="?", default="all", choices=["audit", "train", "load", "sweep", "all"])
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results.json")
     args = parser.parse_args()
     os.environ.setdefault("FINETUNE_CACHE", str(Path(tempfile.gettempdir()) / "finetune-bench-cache"))
@@ -181,6 +440,10 @@ def main() -> None:
         results["audit"] = bench_audit()
     if args.what in ("train", "all"):
         results["train"] = bench_train()
+    if args.what in ("load", "all"):
+        results["load"] = bench_load()
+    if args.what in ("sweep", "all"):
+        results["sweep"] = bench_sweep()
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
     previous.update(results)
     args.out.write_text(json.dumps(previous, indent=2) + "\n")

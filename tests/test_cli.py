@@ -74,27 +74,68 @@ class _Payload:
         return (exec, ("open('PWNED', 'w').close()",))
 
 
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, unsafe_checkpoint) -> dict[str, Path]:
+    """Damaged or unusable checkpoints, each made from the demo checkpoint the way they happen."""
+    root = tmp_path_factory.mktemp("bad")
+    weights = load_file(DEMO_CKPT)
+    paths = {"unsafe": unsafe_checkpoint, "garbage": root / "error_page.pt", "empty": root / "empty.safetensors",
+             "cut_safetensors": root / "cut.safetensors", "cut_zip": root / "cut.pt", "nested": root / "nested.pt",
+             "no_index_dir": root / "downloaded", "index": root / "sharded" / "model.safetensors.index.json"}
+    paths["garbage"].write_text("<html><body>403 Forbidden</body></html>")
+    paths["empty"].write_bytes(b"")
+    data = Path(DEMO_CKPT).read_bytes()
+    paths["cut_safetensors"].write_bytes(data[: len(data) // 2])
+    torch.save(weights, root / "full.pt")
+    data = (root / "full.pt").read_bytes()
+    paths["cut_zip"].write_bytes(data[: len(data) // 2])
+    torch.save({"model": weights, "epoch": 3}, paths["nested"])
+    paths["no_index_dir"].mkdir()
+    (paths["no_index_dir"] / "pytorch_model-00001-of-00002.bin").write_bytes(b"x")
+    paths["index"].parent.mkdir()
+    keys = sorted(weights)
+    save_file({k: weights[k] for k in keys[:10]}, str(paths["index"].parent / "model-00001-of-00002.safetensors"))
+    weight_map = {k: f"model-0000{1 if i < 10 else 2}-of-00002.safetensors" for i, k in enumerate(keys)}
+    paths["index"].write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return paths
+
+
+# case: (overrides, bad input whose path the message must name, text the message must hold)
 ERRORS = {
-    "missing-checkpoint": (["checkpoint.path=/nonexistent/model_a.pt"], "checkpoint not found: /nonexistent/model_a.pt"),
-    "unknown-override": (["trainer.epochz=3"], "trainer.epochz"),
-    "remap-matches-nothing": (["checkpoint.remap=[{pattern: '^backbone\\.', replace: ''}]"], "matches no checkpoint key"),
-    "freeze-matches-nothing": (["policy.freeze=[layer9]"], "glob 'layer9' matches no parameter"),
-    "shape-mismatch-error": (["checkpoint.on_shape_mismatch=error"], "do not fit the model's shapes"),
-    "wrong-type": (["trainer.epochs=abc"], "trainer.epochs"),
-    "unsafe-pickle": ([], "refused"),
-    "corrupt-checkpoint": ([], "neither a torch file"),
+    "missing-checkpoint": (["checkpoint.path=/nonexistent/model_a.pt"], None, "checkpoint not found: /nonexistent/model_a.pt"),
+    "unknown-override": (["trainer.epochz=3"], None, "trainer.epochz"),
+    "remap-matches-nothing": (["checkpoint.remap=[{pattern: '^backbone\\.', replace: ''}]"], None, "matches no checkpoint key"),
+    "freeze-matches-nothing": (["policy.freeze=[layer9]"], None, "glob 'layer9' matches no parameter"),
+    "shape-mismatch-error": (["checkpoint.on_shape_mismatch=error"], None, "do not fit the model's shapes"),
+    "shape-override-matches-nothing": (["checkpoint.shape_overrides=[{keys: 'head.*', action: skip}]"], None,
+                                       "checkpoint.shape_overrides[0]: glob(s) ['head.*'] match no key of the model"),
+    "wrong-type": (["trainer.epochs=abc"], None, "trainer.epochs"),
+    "unsafe-pickle": ([], "unsafe", "refused"),
+    "corrupt-checkpoint": ([], "garbage", "neither a torch file"),
+    "empty-checkpoint": ([], "empty", "is empty (0 bytes)"),
+    "truncated-safetensors": ([], "cut_safetensors", "truncated safetensors file"),
+    "truncated-safetensors-low-memory": (["checkpoint.low_memory=true"], "cut_safetensors", "truncated safetensors file"),
+    "truncated-zip-pickle": ([], "cut_zip", "truncated or corrupt torch file"),
+    "directory-without-index": ([], "no_index_dir", "no shard index (*.index.json)"),
+    "index-names-missing-shard": ([], "index", "model-00002-of-00002.safetensors"),
+    "invalid-regex": (["checkpoint.remap=[{pattern: 'layer[0-9', replace: ''}]"], None, "is not a valid regular expression"),
+    "unknown-select": (["checkpoint.select=modle"], "nested", "no entry 'modle'"),
 }
+
+# Files of an earlier dry run in the same run directory: a failed run must leave them as they were.
+EARLIER = {"summary.json": '{"status": "dry_run"}\n', "load_report.json": '{"earlier": true}\n',
+           "trainability.json": '{"earlier": true}\n'}
 
 
 @pytest.mark.parametrize("case", list(ERRORS))
-def test_user_error_exits_with_one_message_and_no_traceback(cli, tmp_path, unsafe_checkpoint, case):
-    overrides, message = ERRORS[case]
-    if case == "unsafe-pickle":
-        overrides = [f"checkpoint.path={unsafe_checkpoint}"]
-    if case == "corrupt-checkpoint":
-        (tmp_path / "error_page.pt").write_text("<html><body>403 Forbidden</body></html>")
-        overrides = [f"checkpoint.path={tmp_path / 'error_page.pt'}"]
+def test_user_error_exits_with_one_message_and_no_traceback(cli, tmp_path, bad_inputs, case):
+    overrides, bad, message = ERRORS[case]
+    if bad is not None:
+        overrides = [f"checkpoint.path={bad_inputs[bad]}", *overrides]
     run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name, text in EARLIER.items():
+        (run_dir / name).write_text(text)
     result = finetune(cli, run_dir, *overrides)
     text = output(result)
     assert result.returncode != 0, text
@@ -103,9 +144,13 @@ def test_user_error_exits_with_one_message_and_no_traceback(cli, tmp_path, unsaf
     if case not in ("unknown-override", "wrong-type"):  # Hydra reports its own composition errors
         assert result.stderr.count("finetune: error:") == 1, text
         assert "  fix: " in result.stderr
-    assert not (run_dir / "summary.json").exists()
+    if bad is not None:
+        assert str(bad_inputs[bad]) in result.stderr, text  # names the file
+    for name, earlier in EARLIER.items():
+        assert (run_dir / name).read_text() == earlier, name
     assert not (run_dir / "model.safetensors").exists()
     assert not (run_dir / "checkpoints").exists()
+    assert not (run_dir / "metrics.csv").exists()
     assert not (tmp_path / "PWNED").exists()
 
 

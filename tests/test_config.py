@@ -84,6 +84,9 @@ def test_hydra_job_logging_option_composes():
         "seed=zero",
         "dry_run=maybe",
         "checkpoint.on_shape_mismatch=ignore",  # not one of error|skip|adapt
+        "checkpoint.shape_overrides=[{keys: 'head.*', action: interpolate}]",  # same, per key
+        "checkpoint.shape_overrides=[{glob: 'head.*', action: skip}]",  # unknown key in an entry
+        "checkpoint.shape_overrides={keys: 'head.*', action: skip}",  # a list of entries, not one
         "policy.new=sometimes",
         "trainer.precision=fp8",
         "checkpoint.expect.missing=notalist",
@@ -93,6 +96,15 @@ def test_hydra_job_logging_option_composes():
 def test_bad_override_fails_at_compose_time(compose, override):
     with pytest.raises(COMPOSE_ERRORS):
         compose([override], search=())
+
+
+def test_shape_overrides_compose_typed(compose):
+    cfg = compose(["checkpoint.shape_overrides=[{keys: 'head.*', action: adapt}, {keys: [pos_embed, 'cls_*'], action: skip}]"],
+                  search=())
+    first, second = cfg.checkpoint.shape_overrides
+    assert first["keys"] == "head.*" and first.action is ShapePolicy.adapt
+    assert list(second["keys"]) == ["pos_embed", "cls_*"] and second.action is ShapePolicy.skip
+    assert list(compose([], search=()).checkpoint.shape_overrides) == []
 
 
 def test_good_overrides_are_typed(compose):

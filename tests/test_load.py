@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from finetune.checkpoint.load import check_expectations, load_checkpoint
-from finetune.errors import CheckpointError
+from finetune.errors import CheckpointError, ConfigError
 from finetune.model import base_param_names, build_model
 
 ADAPTER = ["adapter1.down.weight", "adapter1.down.bias", "adapter1.up.weight", "adapter1.up.bias"]
@@ -125,6 +125,80 @@ def test_adapt_copies_overlap_and_reports_adapted(compose, tiny_ckpts):
     assert torch.equal(model.head.bias, tiny_ckpts.state_dict["head.bias"][:3])
     assert report.sources()["head.weight"] == "adapted"
     assert report.to_json()["mismatched"][0]["action"] == "adapted"
+
+
+# ---- per-key shape policy (checkpoint.shape_overrides) ---------------------------------------
+
+
+def test_override_wins_over_the_default(compose, tiny_ckpts):
+    _, model, report = load(compose, tiny_ckpts.safetensors, "checkpoint.on_shape_mismatch=error",
+                            "checkpoint.shape_overrides=[{keys: 'head.*', action: adapt}]")
+    assert_partition(model, report)
+    assert {m.key: (m.action, m.rule) for m in report.mismatched} == {
+        "head.weight": ("adapted", "checkpoint.shape_overrides[0]"), "head.bias": ("adapted", "checkpoint.shape_overrides[0]")}
+    assert torch.equal(model.head.weight, tiny_ckpts.state_dict["head.weight"][:3])
+    body = report.to_json()["mismatched"]
+    assert {m["key"]: m["action"] for m in body} == {"head.weight": "adapted", "head.bias": "adapted"}
+    assert {m["rule"] for m in body} == {"checkpoint.shape_overrides[0]"}
+
+
+def test_first_matching_override_wins(compose, tiny_ckpts):
+    # head.weight matches both entries: the first decides. head.bias matches only the second.
+    _, model, report = load(compose, tiny_ckpts.safetensors, "checkpoint.on_shape_mismatch=error",
+                            "checkpoint.shape_overrides=[{keys: [head.weight], action: adapt}, {keys: 'head.*', action: skip}]")
+    assert {m.key: (m.action, m.rule) for m in report.mismatched} == {
+        "head.weight": ("adapted", "checkpoint.shape_overrides[0]"), "head.bias": ("skipped", "checkpoint.shape_overrides[1]")}
+    assert torch.equal(model.head.weight, tiny_ckpts.state_dict["head.weight"][:3])
+    assert report.sources() == {**{k: "new" for k in ADAPTER}, "head.weight": "adapted", "head.bias": "new"}
+
+
+def test_override_error_names_the_key_and_the_rule(compose, tiny_ckpts):
+    with pytest.raises(CheckpointError) as info:
+        load(compose, tiny_ckpts.safetensors, "checkpoint.on_shape_mismatch=adapt",
+             "checkpoint.shape_overrides=[{keys: head.bias, action: error}]")
+    assert "head.bias: checkpoint [4] vs model [3] (checkpoint.shape_overrides[0]: error)" in info.value.problem
+    assert "head.weight" not in info.value.problem  # adapted by the default
+    assert "shape_overrides" in info.value.fix
+
+
+def test_override_glob_matching_no_model_key_is_an_error(compose, tiny_ckpts):
+    with pytest.raises(ConfigError) as info:
+        load(compose, tiny_ckpts.safetensors, "checkpoint.shape_overrides=[{keys: 'head.*', action: skip}, {keys: 'haed.*', action: adapt}]")
+    assert "checkpoint.shape_overrides[1]" in info.value.problem and "'haed.*'" in info.value.problem
+    assert "head" in info.value.fix
+
+
+def test_override_matching_keys_without_a_mismatch_is_fine(compose, tiny_ckpts):
+    _, _, report = load(compose, tiny_ckpts.safetensors, "checkpoint.shape_overrides=[{keys: 'layer1.*', action: error}]")
+    assert {m.key: m.rule for m in report.mismatched} == {"head.weight": "checkpoint.on_shape_mismatch",
+                                                         "head.bias": "checkpoint.on_shape_mismatch"}
+
+
+def test_dry_run_report_says_which_rule_decided(tiny_cfg, tmp_path):
+    import json
+
+    from finetune.run import run
+
+    cfg = tiny_cfg("dry_run=true", "checkpoint.on_shape_mismatch=error",
+                   "checkpoint.shape_overrides=[{keys: head.weight, action: adapt}, {keys: 'head.*', action: skip}]")
+    assert run(cfg, tmp_path)["status"] == "dry_run"
+    body = json.loads((tmp_path / "load_report.json").read_text())
+    assert {m["key"]: (m["action"], m["rule"]) for m in body["mismatched"]} == {
+        "head.weight": ("adapted", "checkpoint.shape_overrides[0]"), "head.bias": ("skipped", "checkpoint.shape_overrides[1]")}
+    assert body["counts"]["mismatched"] == 2 and "head.bias" not in body["missing"]
+    sources = {p["name"]: p["source"] for p in json.loads((tmp_path / "trainability.json").read_text())["params"]}
+    assert sources["head.weight"] == "adapted" and sources["head.bias"] == "new"
+
+
+@pytest.mark.parametrize("keys", ["[]", "3", "{a: 1}"])
+def test_override_keys_must_be_globs(compose, tiny_ckpts, keys):
+    with pytest.raises(ConfigError, match=r"shape_overrides\[0\]\.keys"):
+        load(compose, tiny_ckpts.safetensors, f"checkpoint.shape_overrides=[{{keys: {keys}, action: skip}}]")
+
+
+def test_override_without_action_is_an_error(compose, tiny_ckpts):
+    with pytest.raises(ConfigError, match="needs both `keys` and `action`"):
+        load(compose, tiny_ckpts.safetensors, "checkpoint.shape_overrides=[{keys: 'head.*'}]")
 
 
 # ---- expectations ----------------------------------------------------------------------------

@@ -44,6 +44,21 @@ def test_skipped_head_is_initialised_and_adapt_works_on_meta(tiny_cfg, tiny_ckpt
     assert torch.equal(weight[:3], tiny_ckpts.state_dict["head.weight"][:3])  # overlapping rows copied
 
 
+def test_shape_overrides_on_meta(tiny_cfg, tiny_ckpts):
+    cfg = tiny_cfg("checkpoint.low_memory=true", "checkpoint.on_shape_mismatch=error",
+                   "checkpoint.shape_overrides=[{keys: head.weight, action: adapt}, {keys: 'head.*', action: skip}]")
+    model, _, report = build_and_load_low_memory(cfg)
+    assert {m.key: (m.action, m.rule) for m in report.mismatched} == {
+        "head.weight": ("adapted", "checkpoint.shape_overrides[0]"), "head.bias": ("skipped", "checkpoint.shape_overrides[1]")}
+    state = model.state_dict()
+    assert not any(t.is_meta for t in state.values())
+    assert torch.equal(state["head.weight"][:3], tiny_ckpts.state_dict["head.weight"][:3])
+    assert torch.isfinite(state["head.bias"]).all()  # skipped: the head's own reset_parameters()
+    expected = textbook(cfg)
+    for key in report.loaded:
+        assert torch.equal(state[key], expected[key]), key
+
+
 def test_module_without_reset_parameters_falls_back_to_a_normal_build(tiny_cfg, caplog):
     cfg = tiny_cfg("checkpoint.low_memory=true",
                    "model.add=[{op: replace, at: head, module: {_target_: torch.nn.Linear, in_features: 16, out_features: 3}},"
@@ -69,3 +84,35 @@ def test_wants_low_memory(tiny_cfg, tiny_ckpts):
     assert wants_low_memory(tiny_cfg().checkpoint) is False  # auto: a tiny file
     assert wants_low_memory(tiny_cfg("checkpoint.low_memory=true").checkpoint) is True
     assert wants_low_memory(tiny_cfg("checkpoint.low_memory=false").checkpoint) is False
+
+
+DRY_RUN_SCRIPT = """
+import json, sys
+from pathlib import Path
+from hydra import compose, initialize_config_dir
+import finetune.config, finetune.paths
+from finetune.run import run
+
+conf, ckpt, run_dir = sys.argv[1:4]
+with initialize_config_dir(config_dir=finetune.paths.config_dir(), version_base="1.3"):
+    cfg = compose("config", overrides=[f"hydra.searchpath=[file://{conf}]", "model=tiny", "data=tiny", "checkpoint=tiny",
+                                       f"checkpoint.path={ckpt}", "checkpoint.low_memory=true", "dry_run=true"])
+run(cfg, Path(run_dir))
+print(json.dumps({name: name in sys.modules for name in ("torch._dynamo", "sympy")}))
+"""
+
+
+def test_low_memory_dry_run_stays_light(tiny_ckpts, tmp_path, cli_env):
+    """What makes a dry run on a large checkpoint cheap: no optimizer (building one imports torch._dynamo)
+    and no torch.empty_like on meta tensors (its reference implementation imports sympy)."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import TEST_CONF
+
+    result = subprocess.run([sys.executable, "-c", DRY_RUN_SCRIPT, str(TEST_CONF), str(tiny_ckpts.safetensors), str(tmp_path / "run")],
+                            env=cli_env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"torch._dynamo": False, "sympy": False}
+    assert json.loads((tmp_path / "run" / "load_report.json").read_text())["init"] == "reset_parameters"

@@ -187,6 +187,18 @@ def test_groups_lr_mult_and_weight_decay(model):
     assert groups["groups[0]"].params == ["head.weight"] and groups["groups[0]"].lr == pytest.approx(10 * LR)
 
 
+def test_new_lr_mult_puts_new_params_in_their_own_group(model):
+    p = plan(model, new_lr_mult=10)
+    by = {x.name: x for x in p.params}
+    assert by["head.weight"].lr == pytest.approx(10 * LR) and by["head.weight"].group == "new"
+    assert by["head.bias"].group == "new/no_decay" and by["head.bias"].weight_decay == 0.0
+    assert by["layer1.0.weight"].lr == LR and by["layer1.0.weight"].group == "default"
+    # An explicit group wins over new_lr_mult; with the default 1.0 there is no "new" group.
+    p = plan(model, new_lr_mult=10, groups=[ParamGroupSpec(params=["head.weight"], lr_mult=3)])
+    assert {x.name: x.lr for x in p.params}["head.weight"] == pytest.approx(3 * LR)
+    assert "new" not in {g.name for g in plan(model).groups}
+
+
 def test_groups_glob_matching_nothing_is_an_error(model):
     with pytest.raises(PolicyError, match=r"policy.groups\[0\]"):
         plan(model, groups=[ParamGroupSpec(params=["nothing_here"])])

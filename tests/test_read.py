@@ -82,16 +82,34 @@ def test_truncated_torch_zip(tiny_ckpts, tmp_path):
     data = tiny_ckpts.torch.read_bytes()
     path = tmp_path / "cut.pt"
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+    with pytest.raises(CheckpointError) as info:
         read_checkpoint(str(path))
+    assert "truncated" in info.value.problem and str(path) in info.value.problem
+    assert "re-download" in info.value.fix
 
 
-def test_truncated_safetensors(tiny_ckpts, tmp_path):
+@pytest.mark.parametrize("zero_copy", [False, True])
+@pytest.mark.parametrize("keep", [0.5, 0.99, 40])  # half, all but the last bytes, inside the header
+def test_truncated_safetensors(tiny_ckpts, tmp_path, zero_copy, keep):
     data = tiny_ckpts.safetensors.read_bytes()
     path = tmp_path / "cut.safetensors"
-    path.write_bytes(data[: len(data) - 100])
-    with pytest.raises(CheckpointError, match="not a valid safetensors"):
-        read_checkpoint(str(path))
+    path.write_bytes(data[: int(len(data) * keep) if keep < 1 else keep])
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(str(path), zero_copy=zero_copy)
+    assert "truncated safetensors file" in info.value.problem and str(path) in info.value.problem
+    assert "re-download" in info.value.fix
+
+
+def test_truncated_legacy_pickle_is_an_error_never_a_crash(tiny_ckpts, tmp_path):
+    full = tmp_path / "legacy.pth"
+    torch.save(tiny_ckpts.state_dict, full, _use_new_zipfile_serialization=False)
+    data = full.read_bytes()
+    path = tmp_path / "cut.pth"
+    for size in range(1, len(data), max(1, len(data) // 97)):
+        path.write_bytes(data[:size])
+        with pytest.raises(CheckpointError) as info:
+            read_checkpoint(str(path))
+        assert str(path) in info.value.problem
 
 
 # ---- nothing from a checkpoint is ever executed ----------------------------------------------
@@ -232,5 +250,63 @@ def test_sharded_safetensors(tiny_ckpts, tmp_path):
         assert contents.format == "sharded" and len(contents.files) == 2
         assert same_tensors(contents.state_dict, sd)
     (tmp_path / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="missing shard"):
+    for target in (index, tmp_path):
+        with pytest.raises(CheckpointError) as info:
+            read_checkpoint(str(target))
+        assert str(index) in info.value.problem and "1 of them are missing" in info.value.problem
+        assert "model-00002-of-00002.safetensors" in info.value.problem
+        assert "download every shard" in info.value.fix
+
+
+def test_directory_without_index_or_safetensors(tmp_path):
+    (tmp_path / "pytorch_model-00001-of-00002.bin").write_bytes(b"x")
+    (tmp_path / "README.md").write_text("weights")
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(str(tmp_path))
+    assert str(tmp_path) in info.value.problem and "no shard index" in info.value.problem
+    assert "pytorch_model-00001-of-00002.bin" in info.value.problem  # says what it found instead
+    assert "index" in info.value.fix and "checkpoint.path" in info.value.fix
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="holds: nothing"):
+        read_checkpoint(str(empty))
+
+
+def test_directory_with_two_indexes_is_ambiguous(tmp_path):
+    for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        (tmp_path / name).write_text(json.dumps({"weight_map": {}}))
+    with pytest.raises(CheckpointError, match="ambiguous") as info:
+        read_checkpoint(str(tmp_path))
+    assert "checkpoint.path=" in info.value.fix
+
+
+def test_directory_of_unrelated_safetensors_files_is_refused(tiny_ckpts, tmp_path):
+    shutil.copy(tiny_ckpts.safetensors, tmp_path / "model.safetensors")
+    shutil.copy(tiny_ckpts.safetensors, tmp_path / "model_ema.safetensors")
+    with pytest.raises(CheckpointError, match="in two files") as info:
+        read_checkpoint(str(tmp_path))
+    assert "model.safetensors" in info.value.problem and "model_ema.safetensors" in info.value.problem
+
+
+def test_invalid_index_json(tmp_path):
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text('{"weight_map": {"a": "model-0')
+    with pytest.raises(CheckpointError, match="not a valid index JSON"):
         read_checkpoint(str(index))
+
+
+# ---- finetune-inspect reads the same way -----------------------------------------------------
+
+
+def test_inspect_names_a_truncated_safetensors_file(tiny_ckpts, tmp_path, capsys):
+    from finetune.inspection import main
+
+    data = tiny_ckpts.safetensors.read_bytes()
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes(data[: len(data) // 2])
+    assert main([str(path)]) != 0
+    err = capsys.readouterr().err
+    assert "truncated safetensors file" in err and str(path) in err and "fix:" in err
+    assert main([str(tiny_ckpts.safetensors), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["tensors"]
+    assert {t["name"]: t["shape"] for t in listed} == {k: list(v.shape) for k, v in tiny_ckpts.state_dict.items()}

@@ -60,5 +60,6 @@ def adapt_tensor(key: str, fresh: torch.Tensor, ckpt: torch.Tensor) -> tuple[tor
     raise CheckpointError(
         f"cannot adapt '{key}': checkpoint shape {list(old)} to model shape {list(new)}.",
         "adapt handles heads/biases (overlap copy), conv input channels and position embeddings; "
-        f"for this key use checkpoint.on_shape_mismatch=skip or drop it with checkpoint.ignore",
+        f"for this key use checkpoint.shape_overrides=[{{keys: '{key}', action: skip}}] (keeps the model's init), "
+        "or drop it with checkpoint.ignore",
     )

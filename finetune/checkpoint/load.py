@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import logging
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -15,13 +17,58 @@ from finetune.checkpoint.read import read_checkpoint
 from finetune.checkpoint.remap import dominant_prefix, map_keys
 from finetune.checkpoint.report import LoadReport, Mismatch, RemapSuggestion
 from finetune.config import ShapePolicy
-from finetune.errors import CheckpointError
+from finetune.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
 
 def _shape(t: torch.Tensor) -> list[int]:
     return list(t.shape)
+
+
+DEFAULT_RULE = Mismatch.rule  # "checkpoint.on_shape_mismatch"
+
+
+@dataclass
+class ShapeRules:
+    """The shape policy per model key: the first `checkpoint.shape_overrides` entry whose globs
+    match the key decides, else `checkpoint.on_shape_mismatch`."""
+
+    default: ShapePolicy
+    overrides: list[tuple[str, list[str], ShapePolicy]] = field(default_factory=list)  # (rule, globs, action)
+
+    def action_for(self, key: str) -> tuple[ShapePolicy, str]:
+        for rule, globs, action in self.overrides:
+            if any(fnmatch.fnmatchcase(key, g) for g in globs):
+                return action, rule
+        return self.default, DEFAULT_RULE
+
+
+def shape_rules(ckpt_cfg, model_keys: Sequence[str]) -> ShapeRules:
+    """Read `on_shape_mismatch` and `shape_overrides`. Like every rule, each override must match
+    some model key: a glob that matches nothing is a typo, not a policy."""
+    from omegaconf import OmegaConf
+
+    overrides = []
+    for i, entry in enumerate(ckpt_cfg.get("shape_overrides") or []):
+        rule = f"checkpoint.shape_overrides[{i}]"
+        if OmegaConf.is_config(entry) and (OmegaConf.is_missing(entry, "keys") or OmegaConf.is_missing(entry, "action")):
+            raise ConfigError(f"{rule} needs both `keys` and `action`.", "e.g. {keys: 'head.*', action: adapt}")
+        keys = entry["keys"]  # by item: `entry.keys` is DictConfig's method
+        keys = OmegaConf.to_container(keys) if OmegaConf.is_config(keys) else keys
+        globs = [keys] if isinstance(keys, str) else keys
+        if not isinstance(globs, list) or not globs or not all(isinstance(g, str) and g for g in globs):
+            raise ConfigError(f"{rule}.keys={keys!r} is not a glob or a list of globs.", "e.g. keys: 'head.*' or keys: ['head.*', pos_embed]")
+        dead = [g for g in globs if not any(fnmatch.fnmatchcase(k, g) for k in model_keys)]
+        if dead:
+            close = difflib.get_close_matches(dead[0], list(model_keys), n=3, cutoff=0.5)
+            raise ConfigError(
+                f"{rule}: glob(s) {dead} match no key of the model.",
+                "fix the glob (names as in model.state_dict(), e.g. 'head.*')"
+                + (f"; closest keys: {', '.join(close)}" if close else "") + ", or remove the entry",
+            )
+        overrides.append((rule, globs, ShapePolicy(entry["action"])))
+    return ShapeRules(ShapePolicy(ckpt_cfg.on_shape_mismatch), overrides)
 
 
 class NeedsNormalBuild(Exception):
@@ -52,7 +99,9 @@ def materialize_new(model: nn.Module, new_keys: set[str]) -> list[str]:
             chosen.append(name)  # partly new: materialise its own tensors; loaded ones are assigned after
     for name in chosen:
         module = model.get_submodule(name)
-        module.to_empty(device="cpu", recurse=name in whole)
+        # As module.to_empty(device="cpu"), without torch.empty_like on meta tensors: its Python reference
+        # implementation imports sympy on first use (~0.4 s, most of a low-memory dry run).
+        module._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device="cpu"), recurse=name in whole)
         resets = [module] if hasattr(module, "reset_parameters") else [m for m in module.modules() if hasattr(m, "reset_parameters")]
         if not resets:
             raise NeedsNormalBuild(f"{name or 'the model'} ({type(module).__name__}) has no reset_parameters()")
@@ -62,13 +111,14 @@ def materialize_new(model: nn.Module, new_keys: set[str]) -> list[str]:
     return chosen
 
 
-def match_and_load(model: nn.Module, checkpoint: dict[str, torch.Tensor], names: dict[str, str], shape_policy: ShapePolicy,
-                   report: LoadReport, low_memory: bool = False) -> None:
+def match_and_load(model: nn.Module, checkpoint: dict[str, torch.Tensor], names: dict[str, str],
+                   shape_policy: ShapePolicy | ShapeRules, report: LoadReport, low_memory: bool = False) -> None:
     """Fill `report` with loaded/missing/unexpected/mismatched and load the matched tensors.
 
     With `low_memory` the model is on the meta device: new modules are materialised and reset,
     and checkpoint tensors are assigned (not copied) into the model.
     """
+    rules = shape_policy if isinstance(shape_policy, ShapeRules) else ShapeRules(shape_policy)
     model_sd = model.state_dict()
     to_load: dict[str, torch.Tensor] = {}
     to_adapt: dict[str, torch.Tensor] = {}
@@ -81,13 +131,15 @@ def match_and_load(model: nn.Module, checkpoint: dict[str, torch.Tensor], names:
             report.unexpected.append(name)
             continue
         if tensor.shape != fresh.shape:
-            if shape_policy is ShapePolicy.error:
-                refused.append(f"{name}: checkpoint {_shape(tensor)} vs model {_shape(fresh)}")
-            elif shape_policy is ShapePolicy.skip:
-                mismatched[name] = Mismatch(name, _shape(fresh), _shape(tensor), "skipped", "kept the model's own init")
+            action, rule = rules.action_for(name)
+            if action is ShapePolicy.error:
+                by = "" if rule == DEFAULT_RULE else f" ({rule}: error)"
+                refused.append(f"{name}: checkpoint {_shape(tensor)} vs model {_shape(fresh)}{by}")
+            elif action is ShapePolicy.skip:
+                mismatched[name] = Mismatch(name, _shape(fresh), _shape(tensor), "skipped", "kept the model's own init", rule)
             else:
                 to_adapt[name] = tensor
-                mismatched[name] = Mismatch(name, _shape(fresh), _shape(tensor), "adapted")
+                mismatched[name] = Mismatch(name, _shape(fresh), _shape(tensor), "adapted", rule=rule)
             continue
         if tensor.dtype != fresh.dtype:
             report.casts[name] = f"{str(tensor.dtype).removeprefix('torch.')}->{str(fresh.dtype).removeprefix('torch.')}"
@@ -98,7 +150,8 @@ def match_and_load(model: nn.Module, checkpoint: dict[str, torch.Tensor], names:
         raise CheckpointError(
             f"{len(refused)} checkpoint tensor(s) do not fit the model's shapes:\n    {shown}",
             "if these modules are new (e.g. a head for a new label set), set checkpoint.on_shape_mismatch=skip "
-            "(keep the new init) or adapt (copy what fits); or drop the keys with checkpoint.ignore",
+            "(keep the new init) or adapt (copy what fits), or per key: "
+            "checkpoint.shape_overrides=[{keys: 'head.*', action: skip}]; or drop the keys with checkpoint.ignore",
         )
     for key in model_sd:
         if key in mismatched:
@@ -223,9 +276,10 @@ def load_checkpoint(model: nn.Module, ckpt_cfg, base_params: Sequence[str], low_
                     mmap: bool = False) -> LoadReport:
     """`mmap`: read safetensors through a memory map even when copying into a built model (under
     DDP the ranks then share the page cache instead of each holding a whole copy)."""
+    model_sd = model.state_dict()
+    rules = shape_rules(ckpt_cfg, list(model_sd))  # a config mistake fails before the checkpoint is read
     contents = read_checkpoint(ckpt_cfg.path, ckpt_cfg.format.value, ckpt_cfg.select, zero_copy=low_memory or mmap)
     keys = list(contents.state_dict)
-    model_sd = model.state_dict()
     extra = [p for p in [dominant_prefix(keys)] if p] if contents.format == "lightning" else []
     mapping = map_keys(keys, set(model_sd), ckpt_cfg.ignore, ckpt_cfg.remap, ckpt_cfg.auto_unwrap, extra)
     report = LoadReport(
@@ -236,7 +290,7 @@ def load_checkpoint(model: nn.Module, ckpt_cfg, base_params: Sequence[str], low_
         ignored=mapping.ignored,
         unwrapped=mapping.unwrapped,
     )
-    match_and_load(model, contents.state_dict, mapping.names, ckpt_cfg.on_shape_mismatch, report, low_memory)
+    match_and_load(model, contents.state_dict, mapping.names, rules, report, low_memory)
     if report.missing and report.unexpected:
         reverse = {name: orig for orig, name in mapping.names.items()}
         report.suggestions = suggest_remaps(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import struct
 import zipfile
 from dataclasses import dataclass
@@ -40,17 +41,35 @@ class CheckpointContents:
     files: list[str]
 
 
+REDOWNLOAD = "re-download or re-save the file; an interrupted download or copy is the usual cause"
+_MAX_SAFETENSORS_HEADER = 100 * 2**20  # the safetensors format's own limit
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
 def sniff_format(path: Path) -> str:
     """'safetensors', 'torch' (zip or legacy pickle), or raise naming what the bytes look like."""
     with open(path, "rb") as f:
         head = f.read(16)
+    size = path.stat().st_size
     if not head:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes).", "re-download or re-save it")
-    if len(head) >= 9:  # first: a safetensors header length can start with any byte, 0x80 included
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes).", REDOWNLOAD)
+    if len(head) >= 9 and head[8:9] == b"{":  # first: a safetensors header length can start with any byte, 0x80 included
         (header_len,) = struct.unpack("<Q", head[:8])
-        if 0 < header_len < path.stat().st_size and head[8:9] == b"{":
+        if 0 < header_len < size:
             return "safetensors"
+        if 0 < header_len <= _MAX_SAFETENSORS_HEADER:
+            raise CheckpointError(
+                f"checkpoint {path} is a truncated safetensors file: its header alone should be {header_len} bytes, "
+                f"the file has {size}.", REDOWNLOAD)
     if head[:2] == b"PK":
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(
+                f"checkpoint {path} is a truncated or corrupt torch file: it starts as a zip archive (torch's format) "
+                f"but its end, the zip directory, is missing ({size} bytes).", REDOWNLOAD)
         return "torch"
     if head[:1] == b"\x80":  # pickle protocol marker: torch's legacy (non-zip) format
         return "torch"
@@ -68,16 +87,17 @@ def _load_torch(path: Path) -> Any:
                 return torch.load(f, map_location="cpu", weights_only=True)
         return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
+        if "truncated" in str(exc):
+            raise CheckpointError(f"checkpoint {path} is truncated ({_reason(exc)}).", REDOWNLOAD) from exc
+        # torch's message opens with how to load unsafely; the reason is on its "WeightsUnpickler error" line.
+        found = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|$)", str(exc), re.MULTILINE)
         raise CheckpointError(
             f"checkpoint {path} needs arbitrary code to unpickle, so it was refused "
-            f"(weights_only=True; {str(exc).splitlines()[0]}).",
+            f"(weights_only=True; {found.group(1).strip() if found else _reason(exc)}).",
             CONVERT_SNIPPET.replace("PATH", repr(str(path))),
         ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt or truncated: {type(exc).__name__}: {str(exc).splitlines()[0]}",
-            "re-download or re-save the file; an interrupted copy is the usual cause",
-        ) from exc
+    except Exception as exc:  # only torch.load runs here: on damaged bytes it fails in many ways (EOF, index, zip errors)
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {_reason(exc)}", REDOWNLOAD) from exc
 
 
 _SAFETENSORS_DTYPES = {
@@ -86,17 +106,42 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+def safetensors_header(path: Path) -> tuple[dict, int]:
+    """The parsed header and the offset where tensor data starts. Checks that the file holds all the
+    data the header describes, so a truncated file is named as such by either reader."""
+    try:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+        base = 8 + header_len
+        data_end = 0
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            if not isinstance(info.get("dtype"), str) or not isinstance(info.get("shape"), list):
+                raise ValueError(f"entry {key!r} has no dtype or shape")
+            _start, end = info["data_offsets"]
+            data_end = max(data_end, int(end))
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, struct.error) as exc:
+        raise CheckpointError(f"checkpoint {path} is not a valid safetensors file: its header is unreadable ({_reason(exc)}).",
+                              REDOWNLOAD) from exc
+    size = path.stat().st_size
+    if base + data_end > size:
+        raise CheckpointError(
+            f"checkpoint {path} is a truncated safetensors file: its header describes {base + data_end} bytes, "
+            f"the file has {size} ({100 * size / (base + data_end):.0f}%).", REDOWNLOAD)
+    return header, base
+
+
 def _mmap_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Tensors that are views into a private (copy-on-write) memory map of the file: nothing is
     read until used, and nothing is copied when assigned into a model."""
     import mmap
 
+    header, base = safetensors_header(path)
     try:
         with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        base = 8 + header_len
         tensors = {}
         for key, info in header.items():
             if key == "__metadata__":
@@ -104,29 +149,22 @@ def _mmap_safetensors(path: Path) -> dict[str, torch.Tensor]:
             dtype = _SAFETENSORS_DTYPES[info["dtype"]]
             start, end = info["data_offsets"]
             count = (end - start) // torch.empty((), dtype=dtype).element_size()
-            if end > len(mapped) - base:
-                raise ValueError(f"tensor {key} lies past the end of the file (truncated)")
             flat = torch.frombuffer(mapped, dtype=dtype, count=count, offset=base + start) if count else torch.empty(0, dtype=dtype)
             tensors[key] = flat.reshape(info["shape"])
         return tensors
-    except (ValueError, KeyError, TypeError, struct.error, OSError) as exc:
-        raise CheckpointError(
-            f"checkpoint {path} is not a valid safetensors file: {exc}",
-            "re-download or re-save the file; an interrupted copy is the usual cause",
-        ) from exc
+    except (ValueError, KeyError, TypeError, RuntimeError, OSError) as exc:
+        raise CheckpointError(f"checkpoint {path} is not a valid safetensors file: {_reason(exc)}", REDOWNLOAD) from exc
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError, safe_open
 
+    safetensors_header(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"checkpoint {path} is not a valid safetensors file: {exc}",
-            "re-download or re-save the file; an interrupted copy is the usual cause",
-        ) from exc
+        raise CheckpointError(f"checkpoint {path} is not a valid safetensors file: {exc}", REDOWNLOAD) from exc
 
 
 def _is_tensor_dict(obj: Any) -> bool:
@@ -187,27 +225,47 @@ def select_weights(obj: Any, select: str, path: Path) -> tuple[dict[str, torch.T
     return _flatten_tensors(obj[candidates[0]]), candidates[0]
 
 
+_INDEX_NAMES = "model.safetensors.index.json or pytorch_model.bin.index.json"
+
+
 def _shard_files(path: Path) -> list[Path]:
+    """The files of a sharded checkpoint: those its index JSON names, or, in a directory without an
+    index, its *.safetensors files."""
     index = path
     if path.is_dir():
         indexes = sorted(path.glob("*.index.json"))
-        if len(indexes) != 1:
-            shards = sorted(path.glob("*.safetensors"))
-            if shards and not indexes:
-                return shards
+        if len(indexes) > 1:
             raise CheckpointError(
-                f"checkpoint directory {path} has {len(indexes)} index files (*.index.json) and no unambiguous shards.",
-                "point checkpoint.path at the index JSON (e.g. model.safetensors.index.json) or at one file",
+                f"checkpoint directory {path} holds {len(indexes)} shard indexes ({', '.join(i.name for i in indexes)}): "
+                "which one to load is ambiguous.",
+                f"point checkpoint.path at one of them, e.g. checkpoint.path={indexes[0]}",
+            )
+        if not indexes:
+            shards = sorted(path.glob("*.safetensors"))
+            if shards:
+                return shards
+            held = sorted(p.name for p in path.iterdir())
+            shown = ", ".join(held[:8]) + (f", ... ({len(held)} in all)" if len(held) > 8 else "") if held else "nothing"
+            raise CheckpointError(
+                f"checkpoint directory {path} has no shard index (*.index.json) and no *.safetensors file; it holds: {shown}.",
+                "point checkpoint.path at the checkpoint file itself, or put the index that names the shards "
+                f"({_INDEX_NAMES}) in the directory",
             )
         index = indexes[0]
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"shard index {index} is not a valid index JSON with a weight_map: {exc}", "re-download it") from exc
-    files = [index.parent / name for name in dict.fromkeys(weight_map.values())]
-    absent = [str(f) for f in files if not f.is_file()]
+        names = list(dict.fromkeys(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"shard index {index} is not a valid index JSON with a weight_map ({_reason(exc)}).",
+                              REDOWNLOAD) from exc
+    files = [index.parent / name for name in names]
+    absent = [f.name for f in files if not f.is_file()]
     if absent:
-        raise CheckpointError(f"shard index {index} names missing shard files: {', '.join(absent)}", "download every shard next to the index")
+        raise CheckpointError(
+            f"shard index {index} names {len(files)} shard files; {len(absent)} of them are missing from {index.parent}: "
+            f"{', '.join(absent[:8])}{', ...' if len(absent) > 8 else ''}",
+            f"download every shard the index names into {index.parent}",
+        )
     return files
 
 
@@ -223,8 +281,15 @@ def read_checkpoint(path_str: str, fmt: str = "auto", select: str = "auto", zero
     if fmt == "sharded" or path.is_dir() or path.name.endswith(".index.json"):
         files = _shard_files(path)
         merged: dict[str, torch.Tensor] = {}
+        origin: dict[str, Path] = {}
         for shard in files:
-            merged.update(read_checkpoint(str(shard), "auto", "auto", zero_copy).state_dict)
+            for key, tensor in read_checkpoint(str(shard), "auto", "auto", zero_copy).state_dict.items():
+                if key in merged:  # two files holding one key: not shards of one checkpoint
+                    raise CheckpointError(
+                        f"checkpoint key '{key}' is in two files of {path}: {origin[key].name} and {shard.name}.",
+                        "point checkpoint.path at one file (a directory without an index must hold only the shards of one checkpoint)",
+                    )
+                merged[key], origin[key] = tensor, shard
         return CheckpointContents(merged, "sharded", None, [str(f) for f in files])
 
     kind = sniff_format(path)

@@ -12,6 +12,7 @@ class Mismatch:
     checkpoint_shape: list[int]
     action: str  # skipped | adapted
     detail: str = ""
+    rule: str = "checkpoint.on_shape_mismatch"  # or the checkpoint.shape_overrides[i] entry that decided
 
 
 @dataclass

@@ -9,12 +9,17 @@ which fails at once (instead of hanging) when a peer process dies.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
+import pickle
+import signal
+import subprocess
 import sys
+import tempfile
+import time
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -249,96 +254,111 @@ def follower_overrides(run_dir: str) -> list[str]:
 
 
 # ---- trainer.nproc: spawn the workers from one composed config ------------------------------
+#
+# Workers are plain `python` subprocesses, not multiprocessing children: they work the same from
+# a sweep launcher's worker (joblib's loky workers cannot start multiprocessing children) and
+# never re-import the caller's main module. Each reads its target and arguments, pickled, from a
+# file in a private temporary directory, and reports a failure in another file there.
 
 
 def worker_threads(nproc: int) -> int:
-    """Torch threads per process so that N processes do not oversubscribe the CPU cores."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // nproc)
+    """Torch threads per process: this process's share of the cores (torch's default, or what a
+    parallel sweep launcher gave the job) split between its N ranks, so they do not oversubscribe."""
+    return max(1, torch.get_num_threads() // nproc)
+
+
+@dataclass
+class _Worker:
+    rank: int
+    proc: subprocess.Popen
+    error_file: Path
+
+    @property
+    def name(self) -> str:
+        return f"rank {self.rank}"
 
 
 def spawn(target: Callable[..., Any], nproc: int, device_type: str, *args: Any) -> Any:
     """Run `target(world, *args)` on `nproc` ranks: this process is rank 0 (so it writes into the
-    Hydra job's run directory, with the job's logging and signal handling), the others are
-    spawned. Returns rank 0's result. A worker's error comes back as one FinetuneError."""
+    Hydra job's run directory, with the job's logging and signal handling), the others are new
+    processes. Returns rank 0's result. A worker's error comes back as one FinetuneError."""
     if dist.is_available() and dist.is_initialized():
         raise ConfigError(f"trainer.nproc={nproc} inside a process group that already exists (torchrun?).",
                           "use either torchrun --nproc_per_node=N or trainer.nproc=N, not both")
     if device_type == "cuda" and nproc > torch.cuda.device_count():
         raise ConfigError(f"trainer.nproc={nproc} but only {torch.cuda.device_count()} CUDA device(s) are visible.",
                           f"set trainer.nproc to at most {torch.cuda.device_count()}, or trainer.device=cpu")
-    ctx = multiprocessing.get_context("spawn")
-    errors = ctx.SimpleQueue()
     store = dist.TCPStore("127.0.0.1", 0, nproc, is_master=True, wait_for_workers=False, timeout=STORE_TIMEOUT)
     threads = worker_threads(nproc) if device_type == "cpu" else torch.get_num_threads()
-    workers = [ctx.Process(target=_worker, args=(target, World(rank, nproc, rank), store.port, device_type, threads,
-                                                  errors, args), name=f"finetune-rank{rank}")
-               for rank in range(1, nproc)]
-    for worker in workers:
-        worker.start()
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    world = World(0, nproc, 0)
-    try:
-        _wait_until_ready(store, workers, errors)
-        if device_type == "cuda":
-            torch.cuda.set_device(0)
-        dist.init_process_group(backend_for(device_type), rank=0, world_size=nproc, store=store)
+    with tempfile.TemporaryDirectory(prefix="finetune-ranks-") as scratch:
+        workers = [_start_worker(target, args, World(rank, nproc, rank), store.port, device_type, threads, Path(scratch))
+                   for rank in range(1, nproc)]
+        torch.set_num_threads(threads)
         try:
-            return target(world, *args)
-        except FinetuneError:
-            raise
-        except Exception as exc:  # a peer died under a collective: report the peer's reason
+            _wait_until_ready(store, workers)
+            if device_type == "cuda":
+                torch.cuda.set_device(0)
+            dist.init_process_group(backend_for(device_type), rank=0, world_size=nproc, store=store)
+            try:
+                return target(World(0, nproc, 0), *args)
+            except FinetuneError:
+                raise
+            except Exception as exc:  # a peer died under a collective: report the peer's reason
+                _join(workers, grace=JOIN_GRACE_S)
+                raise _worker_failure(workers) or exc
+        finally:
+            try:
+                teardown()
+            except Exception as exc:  # a group broken by the error being raised
+                log.debug("process group teardown: %s", exc)
             _join(workers, grace=JOIN_GRACE_S)
-            raise _worker_failure(errors, workers) or exc
-    finally:
-        try:
-            teardown()
-        except Exception as exc:  # a group broken by the error being raised
-            log.debug("process group teardown: %s", exc)
-        _join(workers, grace=JOIN_GRACE_S)
-        torch.set_num_threads(previous_threads)
-        late = _worker_failure(errors, workers)
-        if late is not None and sys.exc_info()[0] is None:
-            log.warning("after rank 0 finished: %s", late.problem)
+            torch.set_num_threads(previous_threads)
+            late = _worker_failure(workers)
+            if late is not None and sys.exc_info()[0] is None:
+                log.warning("after rank 0 finished: %s", late.problem)
 
 
-def _wait_until_ready(store, workers, errors) -> None:
-    """Until every worker has reached the store: one that dies while starting (an import error, a
-    script without `if __name__ == "__main__":`) would otherwise leave rank 0 waiting for it."""
-    import time
+def _start_worker(target, args, world: World, port: int, device_type: str, threads: int, scratch: Path) -> _Worker:
+    error_file, spec_file = scratch / f"rank{world.rank}.error", scratch / f"rank{world.rank}.spec"
+    spec = pickle.dumps({"target": target, "args": args, "world": world, "port": port, "device_type": device_type,
+                         "threads": threads, "error_file": str(error_file)})
+    spec_file.write_bytes(pickle.dumps((list(sys.path), spec)))  # the path first: unpickling may need it
+    package_root = str(Path(__file__).resolve().parent.parent)
+    bootstrap = f"import sys; sys.path.insert(0, {package_root!r}); from finetune.distributed import worker_main; worker_main()"
+    proc = subprocess.Popen([sys.executable, "-c", bootstrap, str(spec_file)], stdin=subprocess.DEVNULL)
+    return _Worker(world.rank, proc, error_file)
 
-    keys = [f"ready/{worker.name}" for worker in workers]
+
+def _wait_until_ready(store, workers: list[_Worker]) -> None:
+    """Until every worker has reached the store: one that dies while starting (say, an import
+    error) would otherwise leave rank 0 waiting for it."""
+    keys = [f"ready/{worker.rank}" for worker in workers]
     while not store.check(keys):
         for worker in workers:
-            if not worker.is_alive():
-                failure = _worker_failure(errors, workers)
-                raise failure or TrainingError(
-                    f"{worker.name} exited with code {worker.exitcode} while starting.",
-                    "see its output above; a script that calls finetune.run.run must guard it with "
-                    "`if __name__ == \"__main__\":` (worker processes import the main module)")
+            if worker.proc.poll() is not None:
+                raise _worker_failure(workers) or TrainingError(
+                    f"{worker.name} exited with code {worker.proc.returncode} while starting.",
+                    "see its output above")
         time.sleep(0.02)
 
 
-def _join(workers, grace: float) -> None:
-    import time
-
+def _join(workers: list[_Worker], grace: float) -> None:
     deadline = time.monotonic() + grace
     for worker in workers:
-        worker.join(max(0.0, deadline - time.monotonic()))
+        try:
+            worker.proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
     for worker in workers:
-        if worker.is_alive():  # stuck in a collective whose peer is gone
-            worker.kill()
-            worker.join()
+        if worker.proc.poll() is None:  # stuck in a collective whose peer is gone
+            worker.proc.kill()
+            worker.proc.wait()
 
 
-def _worker_failure(errors, workers) -> FinetuneError | None:
+def _worker_failure(workers: list[_Worker]) -> FinetuneError | None:
     """The first error a worker reported (or how it died), as one FinetuneError."""
-    import signal
-
-    reported = []
-    while not errors.empty():
-        reported.append(errors.get())
+    reported = [pickle.loads(w.error_file.read_bytes()) for w in workers if w.error_file.exists()]
     if reported:
         rank, kind, problem, fix = sorted(reported)[0]
         if kind is not None:
@@ -352,32 +372,38 @@ def _worker_failure(errors, workers) -> FinetuneError | None:
                              f"see rank {rank}'s traceback above ([rank{rank}]); rerun the same command to resume "
                              "from checkpoints/last.pt once it is fixed")
     for worker in workers:
-        if worker.exitcode is not None and worker.exitcode < 0:
-            name = signal.Signals(-worker.exitcode).name
+        code = worker.proc.returncode
+        if code is not None and code < 0:
+            name = signal.Signals(-code).name
             return TrainingError(f"{worker.name} was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else ""),
                                  "rerun the same command to resume from checkpoints/last.pt")
     return None
 
 
-def _worker(target, world: World, port: int, device_type: str, threads: int, errors, args) -> None:
+def worker_main() -> None:
+    """Entry point of a spawned rank: read what to run (argv[1]), join the group, run it."""
+    sys.path[:], spec = pickle.loads(Path(sys.argv[1]).read_bytes())
+    spec = pickle.loads(spec)
+    world: World = spec["world"]
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format=RANK_LOG_FORMAT.format(rank=world.rank), force=True)
-    torch.set_num_threads(threads)
+    torch.set_num_threads(spec["threads"])
+    error_file = Path(spec["error_file"])
     try:
-        if device_type == "cuda":
+        if spec["device_type"] == "cuda":
             torch.cuda.set_device(world.local_rank)
-        store = dist.TCPStore("127.0.0.1", port, world.size, is_master=False, timeout=STORE_TIMEOUT)
-        store.set(f"ready/{multiprocessing.current_process().name}", "1")
-        dist.init_process_group(backend_for(device_type), rank=world.rank, world_size=world.size, store=store)
-        result = target(world, *args)
+        store = dist.TCPStore("127.0.0.1", spec["port"], world.size, is_master=False, timeout=STORE_TIMEOUT)
+        store.set(f"ready/{world.rank}", "1")
+        dist.init_process_group(backend_for(spec["device_type"]), rank=world.rank, world_size=world.size, store=store)
+        result = spec["target"](world, *spec["args"])
     except FinetuneError as exc:
-        errors.put((world.rank, type(exc).__name__, exc.problem, exc.fix))
+        error_file.write_bytes(pickle.dumps((world.rank, type(exc).__name__, exc.problem, exc.fix)))
         _exit_now(exc.exit_code)
     except KeyboardInterrupt:
         _exit_now(130)
     except BaseException:  # not a user error: its traceback is worth printing
         text = traceback.format_exc()
         print(f"[rank{world.rank}] {text}", file=sys.stderr, flush=True)
-        errors.put((world.rank, None, text, None))
+        error_file.write_bytes(pickle.dumps((world.rank, None, text, None)))
         _exit_now(1)
     teardown()
     interrupted = isinstance(result, dict) and result.get("status") == "interrupted"

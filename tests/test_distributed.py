@@ -261,9 +261,11 @@ def test_sigterm_stops_an_nproc_run_with_a_resumable_checkpoint(tmp_path, cli_en
 
 
 @pytest.mark.slow
-def test_nproc_inside_a_multirun(tmp_path, cli, tiny_ckpts):
+@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]], ids=["basic", "joblib"])
+def test_nproc_inside_a_multirun(tmp_path, cli, tiny_ckpts, launcher):
+    """Basic launcher: two jobs in one process (a process group per job); joblib: jobs in loky workers."""
     sweep = tmp_path / "sweep"
-    done = cli("finetune", "--multirun", *tiny_overrides(tiny_ckpts.safetensors), "trainer.epochs=1",
+    done = cli("finetune", "--multirun", *tiny_overrides(tiny_ckpts.safetensors), *launcher, "trainer.epochs=1",
                "trainer.nproc=2", "data.batch_size=8", f"hydra.sweep.dir={sweep}", "seed=0,1")
     assert done.returncode == 0, done.stdout + done.stderr
     for job in ("0", "1"):

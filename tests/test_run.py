@@ -340,6 +340,19 @@ def test_interrupt_then_resume_continues(tiny_cfg, tmp_path):
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
 
 
+def test_resume_mid_epoch_with_grad_accum_is_exact(tiny_cfg, tmp_path):
+    """The resumed epoch counts only the batches left, so accumulation closes steps where the
+    uninterrupted run did (2 batches per step; interrupted after step 1, in the middle of epoch 1)."""
+    marker = tmp_path / "sigint-sent"
+    accum = [*interrupting(marker), "trainer.grad_accum=2"]
+    first = run(tiny_cfg(*accum), tmp_path / "run")
+    assert first["status"] == "interrupted" and first["steps"] == 1
+    assert run(tiny_cfg(*accum), tmp_path / "run")["steps"] == 4
+    run(tiny_cfg(*accum), tmp_path / "straight")
+    resumed, straight = load_file(str(tmp_path / "run" / "model.safetensors")), load_file(str(tmp_path / "straight" / "model.safetensors"))
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
 def test_resume_from_explicit_path(tiny_cfg, tmp_path):
     first_dir, second_dir = tmp_path / "a", tmp_path / "b"
     run(tiny_cfg("trainer.epochs=1"), first_dir)

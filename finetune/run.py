@@ -152,7 +152,7 @@ def run(cfg: DictConfig, run_dir: Path, world: World | None = None, started: flo
         write_json(run_dir / "trainability.json", trainability_json(plan, audit))
 
     if cfg.dry_run:
-        summary = base_summary("dry_run", time.perf_counter() - started)
+        summary = base_summary("dry_run", time.perf_counter() - started, world_size=world.size)
         if world.is_main:
             write_json(run_dir / "summary.json", summary)
         return summary

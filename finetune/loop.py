@@ -298,10 +298,11 @@ class Loop:
                     self.check_finite(mean_loss)
                     lr = self.optimizer.param_groups[0]["lr"]
                     self.metrics.log(p.epoch, p.step, "train", {"loss": mean_loss, "lr": lr})
-                    rate = p.train_samples / p.train_seconds if p.train_seconds else float("nan")
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.0f}", refresh=False)
+                    # Throughput counts steps after the first WARMUP_STEPS; until then there is none to show.
+                    rate = f"{p.train_samples / p.train_seconds:.0f}" if p.train_seconds else "-"
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", samples_s=rate, refresh=False)
                     if not bar.enabled:
-                        log.info("epoch %d step %d/%d  loss %.4f  lr %.3g  %.0f samples/s", p.epoch, p.step, total_steps, mean_loss, lr, rate)
+                        log.info("epoch %d step %d/%d  loss %.4f  lr %.3g  %s samples/s", p.epoch, p.step, total_steps, mean_loss, lr, rate)
                     loss_sum.zero_()
                     logged_batches = 0
                 stopping = vote.poll(stop.received is not None)

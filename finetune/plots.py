@@ -74,24 +74,21 @@ def plot_sweep(rows: list[dict], best: dict | None, out: Path) -> None:
     axes[0].set(xlabel="job", ylabel=metric, title="best per job")
     for ax, (key, values) in zip(axes[1:], swept):
         numeric = all(_is_number(v) for v in values if v is not None)
-        pts = [(v, s, i) for i, (v, s) in enumerate(zip(values, scores)) if v is not None and s is not None]
+        labels = sorted({v for v in values if v is not None})
+        pts = [(float(v) if numeric else labels.index(v), s, rows[i] is best)
+               for i, (v, s) in enumerate(zip(values, scores)) if v is not None and s is not None]
+        xs = [x for x, _, _ in pts]
+        ax.scatter(xs, [s for _, s, _ in pts], color="tab:blue")
         if numeric:
-            xs = [float(v) for v, _, _ in pts]
-            ax.scatter(xs, [s for _, s, _ in pts], color="tab:blue")
-            positive = [x for x in xs if x > 0]
-            if positive and len(positive) == len(xs) and max(positive) / min(positive) >= 10:
+            if xs and min(xs) > 0 and max(xs) / min(xs) >= 10:
                 ax.set_xscale("log")
         else:
-            labels = sorted({v for v in values if v is not None})
-            ax.scatter([labels.index(v) for v, _, _ in pts], [s for _, s, _ in pts], color="tab:blue")
             ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
             ax.set_xlim(-0.5, len(labels) - 0.5)
-        if best is not None:
-            for v, s, i in pts:
-                if rows[i] is best:
-                    ax.scatter([float(v) if numeric else sorted({x for x in values if x is not None}).index(v)], [s],
-                               s=160, facecolors="none", edgecolors="tab:orange", linewidths=2, label="best")
-                    ax.legend(loc="best")
+        for x, s, is_best in pts:
+            if is_best:
+                ax.scatter([x], [s], s=160, facecolors="none", edgecolors="tab:orange", linewidths=2, label="best")
+                ax.legend(loc="best")
         ax.margins(x=0.1, y=0.15)
         ax.set(xlabel=key, ylabel=metric, title=key)
     for ax in axes:

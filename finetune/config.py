@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -52,6 +52,7 @@ class Precision(Enum):
 
 
 class MonitorMode(Enum):
+    auto = "auto"  # trainer.mode: the task's; task.mode: the metric's own higher_is_better
     min = "min"
     max = "max"
 
@@ -152,6 +153,9 @@ class DataConfig:
     num_workers: int = 0
     pin_memory: bool = False
     persistent_workers: bool = False
+    collate: Any = None  # {_target_: ...} returning a collate_fn(list of samples) -> batch; null: torch's default
+    tokenizer: Optional[str] = None  # text data: a tokenizer directory or tokenizer.json, for configs to interpolate
+    max_length: Optional[int] = None  # text data: tokens per sequence, for configs to interpolate
 
 
 @dataclass
@@ -185,6 +189,20 @@ class TrainerConfig:
 
 
 @dataclass
+class TaskConfig:
+    """How a batch becomes model inputs, a loss and metric updates (finetune/task.py)."""
+
+    inputs: Any = "auto"  # auto | an index | a key | a list of keys (keywords) or indices (positional)
+    target: Any = "auto"  # auto: 2nd element of a tuple batch, `labels` of a dict batch; an index | a key | null
+    prediction: Any = "auto"  # auto: the output tensor, else its `logits`, else its `out`; or a name / an index
+    loss: Any = field(default_factory=lambda: {"_target_": "torch.nn.CrossEntropyLoss"})  # null: the model's own
+    metrics: Dict[str, Any] = field(default_factory=dict)  # name -> {_target_: ...}, logged as val/<name>
+    shift_labels: bool = False  # causal LM: prediction at position t is scored against the target at t + 1
+    monitor: Optional[str] = None  # what trainer.monitor=auto picks; null: the first metric, else val/loss
+    mode: MonitorMode = MonitorMode.auto  # its direction; auto: the metric's higher_is_better (loss: min)
+
+
+@dataclass
 class FinetuneConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -192,6 +210,7 @@ class FinetuneConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     seed: int = 0
     dry_run: bool = False
 
@@ -216,9 +235,17 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("finetune_direction", optuna_direction)
 
 
-def optuna_direction(mode) -> str:
-    """trainer.mode (max | min) as an Optuna study direction (maximize | minimize)."""
-    return "minimize" if str(getattr(mode, "value", mode)) == "min" else "maximize"
+def optuna_direction(mode, task_mode="auto") -> str:
+    """trainer.mode (max | min; auto: the task's task.mode) as an Optuna study direction."""
+    mode = str(getattr(mode, "value", mode))
+    if mode == "auto":
+        mode = str(getattr(task_mode, "value", task_mode))
+    if mode not in ("max", "min"):
+        from finetune.errors import ConfigError
+
+        raise ConfigError("the Optuna sweeper needs a direction, and trainer.mode and task.mode are both auto.",
+                          "set trainer.mode=max or trainer.mode=min")
+    return "minimize" if mode == "min" else "maximize"
 
 
 register_configs()

@@ -87,6 +87,22 @@ def build_dataset(spec, split: str) -> Dataset:
     return dataset
 
 
+def build_collate(spec):
+    """data.collate: a `_target_` that returns a collate_fn (samples -> batch); null: torch's default."""
+    if spec is None:
+        return None
+    try:
+        collate = instantiate(spec, _convert_="all")
+    except (InstantiationException, OmegaConfBaseException) as exc:
+        cause = exc.__cause__ or exc
+        raise ConfigError(f"could not build data.collate: {type(cause).__name__}: {cause}",
+                          "give data.collate a _target_ returning a callable, e.g. {_target_: mypkg.PadCollate, _partial_: ...}") from exc
+    if not callable(collate):
+        raise ConfigError(f"data.collate built a {type(collate).__name__}, which is not callable.",
+                          "point data.collate at a class with __call__(samples) or use _partial_: true on a function")
+    return collate
+
+
 def build_loaders(data_cfg, seed: int, pin_memory: bool, rank: int = 0,
                   world_size: int = 1) -> tuple[DataLoader, DataLoader, EpochSampler]:
     """`data.batch_size` is per process: under DDP the global batch is batch_size × world_size."""
@@ -98,6 +114,7 @@ def build_loaders(data_cfg, seed: int, pin_memory: bool, rank: int = 0,
         num_workers=data_cfg.num_workers,
         pin_memory=pin_memory,
         persistent_workers=data_cfg.persistent_workers and data_cfg.num_workers > 0,
+        collate_fn=build_collate(data_cfg.get("collate")),
     )
     # Own generators: creating a loader iterator must not draw from the global RNG. They seed the
     # loader workers' augmentations, which then differ between ranks (rank 0's: as one process).

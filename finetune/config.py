@@ -174,8 +174,8 @@ class TrainerConfig:
     precision: Precision = Precision.fp32
     grad_accum: int = 1
     clip_grad_norm: Optional[float] = None
-    monitor: str = "val/acc"
-    mode: MonitorMode = MonitorMode.max
+    monitor: str = "auto"  # auto: the task's primary metric (task.monitor); else a val/<name> the task logs
+    mode: MonitorMode = MonitorMode.auto  # auto: the direction of the monitored metric
     resume: str = "auto"  # auto | never | PATH to a checkpoints/last.pt
     progress: bool = True
     log_every: int = 10  # optimizer steps between logged train loss values

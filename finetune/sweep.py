@@ -114,9 +114,20 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
 
 
 def monitor_mode(sweep_dir: Path, jobs: list[Path]) -> str:
+    """max | min: what the jobs' summaries say (trainer.mode=auto is resolved there), else their config."""
+    for job in jobs:
+        try:
+            mode = (json.loads((job / "summary.json").read_text()).get("best") or {}).get("mode")
+        except (OSError, ValueError, AttributeError):
+            mode = None
+        if mode in ("max", "min"):
+            return mode
     for job in jobs:
         config = _read_yaml(job / ".hydra" / "config.yaml") or {}
         mode = (config.get("trainer") or {}).get("mode")
+        if mode in ("max", "min"):
+            return mode
+        mode = (config.get("task") or {}).get("mode")
         if mode in ("max", "min"):
             return mode
     return "max"
@@ -182,7 +193,7 @@ def write_sweep_summary(sweep_dir: Path, plot: bool = True) -> tuple[list[dict],
     write_atomic(sweep_dir / "sweep_summary.md", lambda tmp: tmp.write_text(markdown(rows, best, mode, sweep_dir)))
     if plot:
         try:
-            from finetune.plots import plot_sweep
+            from finetune.console.plots import plot_sweep
         except ImportError:  # matplotlib is optional
             pass
         else:

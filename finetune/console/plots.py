@@ -1,8 +1,9 @@
-"""curves.png: train/val loss and validation accuracy over steps, from metrics.csv."""
+"""curves.png (training curves, panels from the task) and sweep.png (a sweep's results)."""
 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -13,26 +14,63 @@ import matplotlib.pyplot as plt  # noqa: E402
 from finetune.metrics_log import read_metrics  # noqa: E402
 
 
-def plot_metrics(metrics_csv: Path, out: Path) -> None:
+@dataclass
+class MetricAxis:
+    """How one validation metric is drawn: its name (without val/) and the range its values live in."""
+
+    name: str
+    lower: float | None = None
+    upper: float | None = None
+
+    @property
+    def unit_range(self) -> bool:
+        return self.lower == 0.0 and self.upper == 1.0
+
+
+def plot_metrics(metrics_csv: Path, out: Path, loss_label: str = "loss", metrics: list[MetricAxis] = ()) -> None:
+    """One loss panel (train and val, and the parts of a dict of losses), one panel for the metrics
+    that live in [0, 1] (accuracy, F1, mIoU...), and one panel each for the others (MAE, perplexity)."""
+    from finetune.state import write_atomic
+
     series: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
     for row in read_metrics(metrics_csv):
         series[(row["split"], row["name"])].append((row["step"], row["value"]))
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    metrics = [m for m in metrics if ("val", m.name) in series]
+    scores = [m for m in metrics if m.unit_range]
+    others = [m for m in metrics if not m.unit_range]
+    panels = 1 + bool(scores) + len(others)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), squeeze=False)
+    axes = list(axes[0])
+
+    ax_loss = axes.pop(0)
+    known = {("train", "loss"), ("train", "lr")} | {("val", m.name) for m in metrics}
     for split, style in (("train", "-"), ("val", "o-")):
-        if (split, "loss") in series:
-            steps, values = zip(*series[(split, "loss")])
-            ax_loss.plot(steps, values, style, label=f"{split} loss", markersize=4)
-    for name in ("acc", "top5"):
-        if ("val", name) in series:
-            steps, values = zip(*series[("val", name)])
-            ax_acc.plot(steps, values, "o-", label=f"val {name}", markersize=4)
-    ax_loss.set(xlabel="optimizer step", ylabel="cross-entropy", title="loss")
-    ax_acc.set(xlabel="optimizer step", ylabel="accuracy", title="validation accuracy", ylim=(0, 1.02))
-    for ax in (ax_loss, ax_acc):
+        for (s, name), points in sorted(series.items()):
+            if s != split or (name != "loss" and (s, name) in known) or name == "lr":
+                continue
+            steps, values = zip(*points)
+            dashed = "--" if name != "loss" else style
+            ax_loss.plot(steps, values, dashed if split == "train" else style, label=f"{split} {name}", markersize=4)
+    ax_loss.set(xlabel="optimizer step", ylabel=loss_label, title="loss")
+    if scores:
+        ax = axes.pop(0)
+        for m in scores:
+            steps, values = zip(*series[("val", m.name)])
+            ax.plot(steps, values, "o-", label=f"val {m.name}", markersize=4)
+        ylabel = scores[0].name if len(scores) == 1 else "score"
+        ax.set(xlabel="optimizer step", ylabel=ylabel, title="validation " + ", ".join(m.name for m in scores), ylim=(0, 1.02))
+    for ax, m in zip(axes, others):
+        steps, values = zip(*series[("val", m.name)])
+        ax.plot(steps, values, "o-", label=f"val {m.name}", markersize=4)
+        ax.set(xlabel="optimizer step", ylabel=m.name, title=f"validation {m.name}")
+        if m.lower is not None and min(values) >= m.lower:
+            ax.set_ylim(bottom=m.lower if m.lower == 0.0 else None)
+    for ax in fig.axes:
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
 
 

@@ -1,0 +1,1 @@
+"""Presentation: tables, progress bars and plots. Fed report dataclasses and files; computes nothing."""

@@ -40,7 +40,7 @@ def atomic_path(path: Path):
         finally:
             os.close(dir_fd)
     except (OSError, RuntimeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
         free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
         raise TrainingError(
             f"could not write {path}: {reason} ({free / 2**20:.1f} MiB free there); the previous version, if any, is intact.",
@@ -98,12 +98,30 @@ def load_training_state(path: Path) -> dict:
         ) from exc
 
 
+def first_line(exc: BaseException) -> str:
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
+def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied weights: an LM's input embedding and
+    output projection). Every name keeps its own copy, so the file still loads with strict=True,
+    and loading it into the tied model writes the same values into the one tensor."""
+    seen: set[int] = set()
+    out = {}
+    for key, tensor in tensors.items():
+        storage = tensor.untyped_storage().data_ptr() if tensor.numel() else None
+        out[key] = tensor.clone() if storage in seen else tensor
+        if storage is not None:
+            seen.add(storage)
+    return out
+
+
 def save_weights(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
     from safetensors import SafetensorError
 
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    tensors = unshared({k: v.detach().contiguous().cpu() for k, v in state_dict.items()})
 
     def write(tmp: Path) -> None:
         try:

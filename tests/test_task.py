@@ -234,6 +234,25 @@ def test_each_task_trains_and_logs_its_metrics(compose, tmp_path, task_name, mod
     assert (tmp_path / "curves.png").is_file() and (tmp_path / "model.safetensors").is_file()
 
 
+def test_tied_embeddings_are_saved_and_stay_tied(compose, tmp_path):
+    """Tied weights share one tensor, which safetensors refuses to write as is: every name gets its
+    own copy in model.safetensors and checkpoints/best.safetensors, and loading it strictly into
+    the tied model keeps the tie."""
+    from safetensors.torch import load_file
+    from task_data import TinyLM
+
+    from finetune.run import run
+
+    summary = run(compose(["task=causal_lm", "model=tiny_lm", "+model.base.tie=true", "data=tokens", *TASK_ARGS]), tmp_path)
+    assert summary["status"] == "completed"
+    weights = load_file(tmp_path / "model.safetensors")
+    assert torch.equal(weights["embed.weight"], weights["lm_head.weight"])
+    model = TinyLM(tie=True)
+    model.load_state_dict(weights, strict=True)
+    assert model.lm_head.weight is model.embed.weight
+    assert set(load_file(tmp_path / "checkpoints" / "best.safetensors")) == set(weights)
+
+
 def test_training_improves_the_regression_metric(compose, tmp_path):
     from finetune.metrics_log import read_metrics
     from finetune.run import run

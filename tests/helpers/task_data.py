@@ -106,11 +106,13 @@ class LMOutput:
 class TinyLM(nn.Module):
     """Embedding → MLP → vocabulary, called with keywords; computes its own shifted loss with labels."""
 
-    def __init__(self, vocab: int = 11, width: int = 16):
+    def __init__(self, vocab: int = 11, width: int = 16, tie: bool = False):
         super().__init__()
         self.embed = nn.Embedding(vocab, width)
         self.body = nn.Sequential(nn.Linear(width, width), nn.ReLU())
         self.lm_head = nn.Linear(width, vocab)
+        if tie:  # input and output embeddings are one tensor, as in GPT-2
+            self.lm_head.weight = self.embed.weight
 
     def forward(self, input_ids, attention_mask=None, labels=None) -> LMOutput:
         logits = self.lm_head(self.body(self.embed(input_ids)))
@@ -142,3 +144,48 @@ class TwoLossNet(nn.Module):
         out = self.net(features)
         return {"loss_cls": nn.functional.cross_entropy(out[:, :-1], labels),
                 "loss_reg": out[:, -1].square().mean()}
+
+
+# ---- evaluation of every provided task, for one process and for 2 ranks -----------------------
+
+def load_task_config(name: str):
+    """conf/task/<name>.yaml validated by the task schema, as the run composes it."""
+    from omegaconf import OmegaConf
+
+    from finetune.config import TaskConfig
+    from finetune.paths import config_dir
+
+    return OmegaConf.merge(OmegaConf.structured(TaskConfig), OmegaConf.load(f"{config_dir()}/task/{name}.yaml"))
+
+
+def _evaluation_cases() -> dict:
+    """task name -> (model, validation set): sizes that do not divide by 2 ranks or by the batch."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(41, FEATURES, generator=g)
+    classes = TensorDataset(x, torch.randint(0, 7, (41,), generator=g))
+    return {
+        "classification": (mlp(7), classes),
+        "multilabel": (mlp(5), multilabel(41, seed=3)),
+        "regression": (mlp(1), regression(41, seed=4)),
+        "segmentation": (TinySegNet(), segmentation(13, seed=2)),
+        "causal_lm": (TinyLM(), TokenDataset(n=23, seed=6)),
+    }
+
+
+def evaluate_every_task(world) -> dict:
+    """finetune.loop.evaluate of each provided task on this rank's validation shard (every rank
+    builds the same models: the same seed)."""
+    from torch.utils.data import DataLoader
+
+    from finetune.config import Precision
+    from finetune.data import ShardSampler
+    from finetune.loop import evaluate
+    from finetune.task import Task
+
+    results = {}
+    for name, (model, val) in _evaluation_cases().items():
+        loader = DataLoader(val, batch_size=4, sampler=ShardSampler(len(val), world.rank, world.size))
+        task = Task.from_config(load_task_config(name), name)
+        results[name] = evaluate(model, loader, task, torch.device("cpu"), Precision.fp32, world)
+    return results

@@ -44,7 +44,8 @@ def test_default_config_composes(compose):
     assert list(cfg.checkpoint.expect.missing) == ["adapter2.*"] and list(cfg.checkpoint.expect.unexpected) == []
     assert cfg.data.train._target_ == "finetune.demo.data.shapes_task_b"
     assert cfg.optim.optimizer._target_ == "torch.optim.AdamW"
-    assert cfg.trainer.monitor == "val/acc" and cfg.seed == 0 and cfg.dry_run is False
+    assert cfg.trainer.monitor == "auto" and cfg.task.monitor == "val/acc"  # auto: the task's primary metric
+    assert cfg.seed == 0 and cfg.dry_run is False
     # Validated by the schema: each group is backed by its dataclass.
     assert OmegaConf.get_type(cfg.trainer) is TrainerConfig
     assert OmegaConf.get_type(cfg.checkpoint) is CheckpointConfig

@@ -2,7 +2,8 @@
 
     python scripts/bench.py audit            # gradient/frozen audit overhead vs a training epoch
     python scripts/bench.py sweep            # per-job sweep overhead; joblib n_jobs=2 vs serial
-    python scripts/bench.py train            # training throughput vs a hand-written loop
+    python scripts/bench.py train            # training throughput vs a hand-written loop (classification)
+    python scripts/bench.py train_lm         # the same for a causal LM (task=causal_lm, dict batches)
     python scripts/bench.py load             # 1 GB checkpoint: finetune dry run vs the textbook and bare recipes
     python scripts/bench.py all --out bench_results.json
 
@@ -64,7 +65,7 @@ def bench_audit(epochs: int = 3) -> dict:
     """Audit cost (first-step gradient check, optimizer/trainable check, frozen checksums before
     and after) as a fraction of one training epoch, on the demo and on a ResNet-18 linear probe."""
     import finetune.loop
-    import finetune.run
+    import finetune.session
     from finetune.run import run
 
     cases = {
@@ -80,11 +81,11 @@ def bench_audit(epochs: int = 3) -> dict:
     results = {}
     for label, overrides in cases.items():
         totals: dict[str, float] = {}
-        targets = [(finetune.loop, "audit_gradients"), (finetune.loop, "check_optimizer_matches"),
-                   (finetune.run, "check_optimizer_matches"), (finetune.run, "checksums"), (finetune.run, "frozen_tensors")]
+        targets = [(finetune.loop, "audit_gradients"), (finetune.session, "check_optimizer_matches"),
+                   (finetune.session, "checksums"), (finetune.session, "frozen_tensors")]
         epoch_totals: dict[str, float] = {}
         with tempfile.TemporaryDirectory() as tmp, timed_functions(targets, totals), \
-                timed_functions([(finetune.loop.Loop, "fit")], epoch_totals):
+                timed_functions([(finetune.loop, "fit")], epoch_totals):
             cfg = compose(overrides)
             start = time.perf_counter()
             summary = run(cfg, Path(tmp))
@@ -167,6 +168,109 @@ def bench_train(rounds: int = 3, batch_size: int = 64, image_size: int = 64, siz
     median = ratios[len(ratios) // 2]
     print(f"train  median ratio finetune / hand-written: {median:.3f} (target >= 0.95)")
     return {"model": "resnet18", "image_size": image_size, "batch_size": batch_size, "steps": steps_per_epoch * epochs,
+            "hand_written_samples_per_s": [round(b, 1) for b in baseline], "finetune_samples_per_s": ours,
+            "ratios": [round(r, 4) for r in ratios], "median_ratio": round(median, 4)}
+
+
+class BenchGPT(nn.Module):
+    """A small GPT-style causal LM (pre-norm Transformer blocks with a causal mask, tied embeddings):
+    the model of the causal-LM throughput benchmark."""
+
+    def __init__(self, vocab: int = 256, width: int = 128, depth: int = 2, heads: int = 4, length: int = 128):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.position = nn.Parameter(torch.zeros(1, length, width))
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.lm_head = nn.Linear(width, vocab, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        t = input_ids.shape[1]
+        mask = nn.Transformer.generate_square_subsequent_mask(t, device=input_ids.device)
+        h = self.blocks(self.embed(input_ids) + self.position[:, :t], mask=mask, is_causal=True)
+        return self.lm_head(self.norm(h))
+
+
+class RandomTokens(torch.utils.data.Dataset):
+    """Dict samples {input_ids, attention_mask, labels} (Hugging Face's convention: labels aligned with
+    input_ids, the last quarter padded with -100 in every other sample), held in memory."""
+
+    def __init__(self, size: int, length: int = 128, vocab: int = 256, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, vocab, (size, length), generator=g)
+        self.mask = torch.ones(size, length, dtype=torch.long)
+        self.mask[::2, -length // 4:] = 0
+        self.labels = self.ids.masked_fill(self.mask == 0, -100)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.labels[i]}
+
+
+def hand_written_lm_loop(dataset, batch_size: int, steps: int, warmup: int, lr: float) -> float:
+    """The causal-LM baseline as a PyTorch user writes it: shift, cross-entropy ignoring -100, AdamW."""
+    torch.manual_seed(0)
+    model = BenchGPT()
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True)
+    done, samples, start = 0, 0, None
+    while done < steps:
+        for batch in loader:
+            logits = model(batch["input_ids"], batch["attention_mask"])
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                     batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            done += 1
+            if done == warmup:
+                start = time.perf_counter()
+            elif done > warmup:
+                samples += len(batch["input_ids"])
+            if done >= steps:
+                break
+    return samples / (time.perf_counter() - start)
+
+
+LM_CONFIGS = {
+    "model/bench_gpt.yaml": "base: {_target_: bench.BenchGPT}\nadd: []\n",
+    "data/bench_tokens.yaml": "train: {_target_: bench.RandomTokens, size: 512}\n"
+                              "val: {_target_: bench.RandomTokens, size: 32, seed: 1}\nbatch_size: 16\n",
+}
+
+
+def bench_train_lm(rounds: int = 3, batch_size: int = 16, size: int = 512) -> dict:
+    """Steady-state training throughput of `finetune task=causal_lm` vs a hand-written causal-LM loop:
+    the same model (BenchGPT, 2 blocks, width 128, 128 tokens), in-memory dict batches with -100
+    padding, loss (shifted cross-entropy), AdamW and threads; alternated, median of the ratios."""
+    from finetune.run import run
+
+    steps = size // batch_size * 2
+    dataset = RandomTokens(size)
+    ours, baseline = [], []
+    with tempfile.TemporaryDirectory() as conf:
+        for rel, text in LM_CONFIGS.items():
+            (Path(conf) / rel).parent.mkdir(parents=True, exist_ok=True)
+            (Path(conf) / rel).write_text(text)
+        overrides = [f"hydra.searchpath=[file://{conf}]", "model=bench_gpt", "data=bench_tokens", "task=causal_lm",
+                     "checkpoint=none", "optim=adamw", "optim.optimizer.lr=1e-3", f"data.batch_size={batch_size}",
+                     "trainer.progress=false", "trainer.epochs=2", "trainer.log_every=10", "trainer.tensorboard=false"]
+        for _ in range(rounds):
+            baseline.append(hand_written_lm_loop(dataset, batch_size, steps, 3, 1e-3))
+            with tempfile.TemporaryDirectory() as tmp:
+                summary = run(compose(overrides), Path(tmp))
+            ours.append(summary["throughput"]["train_samples_per_s"])
+            print(f"train_lm  hand-written {baseline[-1]:7.1f} samples/s   finetune {ours[-1]:7.1f} samples/s   "
+                  f"ratio {ours[-1] / baseline[-1]:.3f}")
+    ratios = sorted(o / b for o, b in zip(ours, baseline))
+    median = ratios[len(ratios) // 2]
+    print(f"train_lm  median ratio finetune / hand-written: {median:.3f} (target >= 0.95)")
+    return {"model": "BenchGPT (2 blocks, width 128, 128 tokens, vocab 256)", "batch_size": batch_size, "steps": steps,
             "hand_written_samples_per_s": [round(b, 1) for b in baseline], "finetune_samples_per_s": ours,
             "ratios": [round(r, 4) for r in ratios], "median_ratio": round(median, 4)}
 
@@ -428,7 +532,7 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_load_child":  # one measurement of `bench_load`, in its own process
         load_child(*sys.argv[2:9])
         return
-    parser.add_argument("what", nargs="?", default="all", choices=["audit", "train", "load", "sweep", "all"])
+    parser.add_argument("what", nargs="?", default="all", choices=["audit", "train", "train_lm", "load", "sweep", "all"])
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results.json")
     args = parser.parse_args()
     os.environ.setdefault("FINETUNE_CACHE", str(Path(tempfile.gettempdir()) / "finetune-bench-cache"))
@@ -440,6 +544,8 @@ def main() -> None:
         results["audit"] = bench_audit()
     if args.what in ("train", "all"):
         results["train"] = bench_train()
+    if args.what in ("train_lm", "all"):
+        results["train_lm"] = bench_train_lm()
     if args.what in ("load", "all"):
         results["load"] = bench_load()
     if args.what in ("sweep", "all"):

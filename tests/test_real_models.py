@@ -204,6 +204,30 @@ def test_bert_suggested_remap_rules_map_each_key_to_its_own_module(bert_no_rule_
         assert mapped == f"bert.{key}", (key, mapped)
 
 
+README_BERT_MODEL = """
+base:
+  _target_: transformers.AutoModelForSequenceClassification.from_config
+  config:
+    _target_: transformers.AutoConfig.from_pretrained
+    pretrained_model_name_or_path: {encoder}
+    num_labels: 3
+"""
+
+
+def test_the_readme_bert_config_builds_the_classifier_from_the_checkpoints_config_json(bert_checkpoint, tmp_path):
+    """README's worked example: the architecture from the saved encoder's own config.json."""
+    from finetune.run import run
+
+    conf = tmp_path / "myconf"
+    (conf / "model").mkdir(parents=True)
+    (conf / "model" / "bert_cls.yaml").write_text(README_BERT_MODEL.format(encoder=bert_checkpoint.parent))
+    cfg = compose_config(["model=bert_cls", "checkpoint=hf_bert", f"checkpoint.path={bert_checkpoint}", "data=marked_tokens",
+                          "task=classification", "dry_run=true", "trainer.progress=false"], search=(conf, TEST_CONF))
+    assert run(cfg, tmp_path / "run")["status"] == "dry_run"
+    report = json.loads((tmp_path / "run" / "load_report.json").read_text())
+    assert report["counts"]["loaded"] == 39 and sorted(report["missing"]) == ["classifier.bias", "classifier.weight"]
+
+
 def test_bert_model_loss_passes_the_labels_and_logs_the_models_own_loss(env, bert_checkpoint, tmp_path):
     run = completed(finetune(env, tmp_path / "run", *BERT, f"checkpoint.path={bert_checkpoint}", "task=model_loss", *ONE_EPOCH))
     summary = run.summary

@@ -23,6 +23,7 @@ import glob
 import hashlib
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -85,34 +86,82 @@ def cache_root() -> Path:
     return Path(os.environ.get("FINETUNE_CACHE") or Path.home() / ".cache" / "finetune").expanduser()
 
 
-@contextlib.contextmanager
-def quiet_datasets():
-    """No `datasets` progress bars while reading (the run prints its own lines); restored after."""
-    import datasets
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 
-    was_disabled = datasets.are_progress_bars_disabled()
-    datasets.disable_progress_bars()
+
+@contextlib.contextmanager
+def local_only():
+    """Hugging Face libraries in offline mode while data and tokenizers load: nothing reaches the
+    network, whatever the user's environment says. The environment is restored after."""
+    saved = {name: os.environ.get(name) for name in OFFLINE_ENV}
+    os.environ.update({name: "1" for name in OFFLINE_ENV})
+    patched = []  # module-level flags read at import time, when those modules are already imported
+    for module_name, attributes in (("huggingface_hub.constants", ("HF_HUB_OFFLINE",)),
+                                    ("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))):
+        module = sys.modules.get(module_name)
+        for attribute in attributes if module is not None else ():
+            if hasattr(module, attribute):
+                patched.append((module, attribute, getattr(module, attribute)))
+                setattr(module, attribute, True)
     try:
         yield
     finally:
+        for module, attribute, value in patched:
+            setattr(module, attribute, value)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
+def quiet_datasets():
+    """No `datasets` progress bars or error logs while reading (the run prints its own lines, and
+    a file it cannot read becomes one ConfigError); restored after."""
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    verbosity = datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(verbosity)
         if not was_disabled:
             datasets.enable_progress_bars()
 
 
-def read_table(files: list[str], fmt: str, split: str, cache_dir: str | None = None):
-    """The files as one Hugging Face `datasets.Dataset` (in memory; Arrow cache under the cache root)."""
-    from datasets import load_dataset
+def no_texts(files: list[str], split: str) -> ConfigError:
+    return ConfigError(f"data.{split}.files ({', '.join(files)}) hold no texts.",
+                       f"point data.{split}.files at files with texts (one row or line per text)")
 
+
+def read_table(files: list[str], fmt: str, split: str, cache_dir: str | None = None):
+    """The files as one Hugging Face `datasets.Dataset`: held in memory, read offline, the Arrow
+    files `datasets` writes while reading kept under `cache_dir` (default: the cache root)."""
+    if all(os.path.getsize(f) == 0 for f in files):
+        raise no_texts(files, split)
+    nonempty = [f for f in files if os.path.getsize(f) > 0]  # the json and csv builders fail on empty files
+    if len(nonempty) < len(files):
+        log.warning("data.%s: %d empty file(s) left out: %s", split, len(files) - len(nonempty),
+                    ", ".join(f for f in files if f not in nonempty))
     options: dict[str, Any] = {}
     if fmt == "csv" and all(f.lower().endswith(".tsv") for f in files):
         options["delimiter"] = "\t"
     cache_dir = cache_dir or str(cache_root() / "hf-datasets")
     try:
-        with quiet_datasets():
-            return load_dataset(fmt, data_files=files, split="train", cache_dir=cache_dir, keep_in_memory=True, **options)
+        with local_only():
+            from datasets import load_dataset
+
+            with quiet_datasets():
+                return load_dataset(fmt, data_files=nonempty, split="train", cache_dir=cache_dir, keep_in_memory=True, **options)
     except Exception as exc:  # the builders raise many kinds (ArrowInvalid, DatasetGenerationError, ...)
         cause = exc.__cause__ or exc
         detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        if "corresponds to no data" in detail:  # e.g. a csv file with a header line only
+            raise no_texts(files, split) from exc
         raise ConfigError(f"data.{split}.files: could not read {', '.join(files)} as {fmt}: {detail}",
                           f"check the files are valid {fmt}, or set data.{split}.format") from exc
 
@@ -132,7 +181,7 @@ class TextTokenizer:
 
     path: str
     encode: Callable[[list[str], int | None], list[list[int]]]  # texts, truncate-to -> token ids
-    pad_id: int
+    pad_id: int | None  # None: the tokenizer has no pad token
     eos_id: int | None
     vocab_size: int
 
@@ -167,11 +216,16 @@ def _tokenizers_tokenizer(path: Path) -> TextTokenizer:
     tokenizer.no_padding()
     ids = {name: tokenizer.token_to_id(name) for name in PAD_TOKENS + EOS_TOKENS}
     eos = next((ids[n] for n in EOS_TOKENS if ids[n] is not None), None)
-    pad = next((ids[n] for n in PAD_TOKENS if ids[n] is not None), eos if eos is not None else 0)
+    pad = next((ids[n] for n in PAD_TOKENS if ids[n] is not None), None)
 
     def encode(texts: list[str], max_length: int | None) -> list[list[int]]:
-        encoded = [e.ids for e in tokenizer.encode_batch(texts)]
-        return encoded if max_length is None else [ids[:max_length] for ids in encoded]
+        if max_length is None:
+            return [e.ids for e in tokenizer.encode_batch(texts)]
+        tokenizer.enable_truncation(max_length)  # as transformers truncates: special tokens kept
+        try:
+            return [e.ids for e in tokenizer.encode_batch(texts)]
+        finally:
+            tokenizer.no_truncation()
 
     return TextTokenizer(str(path), encode, pad, eos, tokenizer.get_vocab_size())
 
@@ -180,14 +234,14 @@ def _transformers_tokenizer(path: Path) -> TextTokenizer:
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        with local_only():
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:
         held = ", ".join(sorted(p.name for p in path.iterdir())[:12]) or "nothing"
         raise ConfigError(f"data.tokenizer: could not load a tokenizer from the directory {path} (it holds {held}): "
                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
                           "give a directory written by tokenizer.save_pretrained(dir), or a tokenizer.json file") from exc
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
 
     def encode(texts: list[str], max_length: int | None) -> list[list[int]]:
         if max_length is None:  # packing: whole texts, however long (no "longer than the model" warning)
@@ -199,7 +253,16 @@ def _transformers_tokenizer(path: Path) -> TextTokenizer:
 
 @functools.lru_cache(maxsize=8)
 def pad_id_of(path: str) -> int:
-    return load_tokenizer(path).pad_id
+    """The pad id of the tokenizer at `path`; a ConfigError when it has none."""
+    tokenizer = load_tokenizer(path)
+    if tokenizer.pad_id is None:
+        eos = f" (its EOS id, {tokenizer.eos_id}, works: padding is masked out and labelled -100)" if tokenizer.eos_id is not None else ""
+        raise ConfigError(
+            f"data.tokenizer: {path} has no pad token, and batches of texts of different lengths need one.",
+            f"set data.collate.pad_id to the id to pad with{eos}, or give the tokenizer a pad token "
+            "(tokenizer.add_special_tokens({'pad_token': '[PAD]'}) and save_pretrained; the model's vocabulary must hold it)",
+        )
+    return tokenizer.pad_id
 
 
 # ---- tokenized samples -----------------------------------------------------------------------
@@ -321,7 +384,7 @@ def text_dataset(
     if fmt == "text" and not all(t.strip() for t in texts):  # a .txt file's empty lines are not texts
         table = table.select([i for i, t in enumerate(texts) if t.strip()], keep_in_memory=True)
     if table.num_rows == 0:
-        raise ConfigError(f"data.{split}.files ({', '.join(paths)}) hold no texts.", f"point data.{split}.files at files with texts")
+        raise no_texts(paths, split)
 
     sequences = tokenize(table, text, tok, None if pack else max_length)
     if pack:
@@ -341,12 +404,19 @@ def text_dataset(
 
     values = list(table[label])
     if classes is None:
-        reference = values if classes_from is None else list(read_table(resolve_files(classes_from, split), fmt, split, cache_dir)[label])
-        classes = class_names(reference)
+        classes = class_names(values if classes_from is None else reference_labels(classes_from, format, label, split, cache_dir))
     labels, classes = class_indices(values, classes, split, label)
     log.info("data.%s: %d texts from %s, %s", split, len(samples), describe_files(paths),
              f"{len(classes)} classes" if classes else "integer labels")
     return TokenizedText(samples, labels[keep], classes=classes, tokenizer=tok.path)
+
+
+def reference_labels(files, format: str, label: str, split: str, cache_dir: str | None) -> list:
+    """The labels of `classes_from` (the training files), whose sorted names index the classes."""
+    paths = resolve_files(files, split)
+    table = read_table(paths, file_format(paths, format, split), split, cache_dir)
+    check_column(table, label, "label", split)
+    return list(table[label])
 
 
 def pack_sequences(sequences: list[list[int]], block: int, eos_id: int | None, split: str, paths: list[str]) -> list[torch.Tensor]:

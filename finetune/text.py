@@ -138,12 +138,26 @@ def no_texts(files: list[str], split: str) -> ConfigError:
                        f"point data.{split}.files at files with texts (one row or line per text)")
 
 
+def is_empty(path: str, fmt: str) -> bool:
+    """No bytes, or (parquet) no rows."""
+    if os.path.getsize(path) == 0:
+        return True
+    if fmt == "parquet":
+        try:
+            import pyarrow.parquet as pq
+
+            return pq.read_metadata(path).num_rows == 0
+        except Exception:  # not parquet after all: the reader says so
+            return False
+    return False
+
+
 def read_table(files: list[str], fmt: str, split: str, cache_dir: str | None = None):
     """The files as one Hugging Face `datasets.Dataset`: held in memory, read offline, the Arrow
     files `datasets` writes while reading kept under `cache_dir` (default: the cache root)."""
-    if all(os.path.getsize(f) == 0 for f in files):
+    nonempty = [f for f in files if not is_empty(f, fmt)]  # the builders fail on empty files
+    if not nonempty:
         raise no_texts(files, split)
-    nonempty = [f for f in files if os.path.getsize(f) > 0]  # the json and csv builders fail on empty files
     if len(nonempty) < len(files):
         log.warning("data.%s: %d empty file(s) left out: %s", split, len(files) - len(nonempty),
                     ", ".join(f for f in files if f not in nonempty))

@@ -1,7 +1,11 @@
 """Make the text demo's assets: its tokenizer and TinyGPT pretrained on task A, reproducibly.
 
-    python scripts/make_text_demo_checkpoint.py
-    # writes finetune/demo/assets/text_demo_tokenizer.json and text_demo_a.safetensors
+    python scripts/make_text_demo_checkpoint.py               # from the repository root
+    python scripts/make_text_demo_checkpoint.py --out-dir /tmp/a   # elsewhere, to compare
+    # writes finetune/demo/assets/text_demo_tokenizer.json and text_demo_a.safetensors (434 KiB)
+
+It takes about 5 minutes on 2 CPU cores (1500 steps) and, with the same torch version, writes
+the shipped files bit for bit (task A val perplexity 1.246).
 
 Task A's texts are tokenized with the shipped tokenizer and packed into blocks exactly as
 `data=text` does (`finetune.text.pack`), so model A sees what `finetune experiment=text_demo`

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from finetune import render
+from finetune.console import tables
 from finetune.audit import GradAudit
 from finetune.checkpoint.load import NeedsNormalBuild, check_expectations, load_checkpoint, wants_low_memory
 from finetune.config import SavedWeights
@@ -61,7 +61,7 @@ def run(cfg: DictConfig, run_dir: Path, world: World | None = None, started: flo
         try:
             check_expectations(report, cfg.checkpoint.expect, model, base_param_names(model, edits))
         finally:
-            render.show(render.format_load_report(report))
+            tables.show(tables.format_load_report(report))
         sources = report.sources()
     else:
         sources = {name: "new" for name, _ in model.named_parameters()}
@@ -70,7 +70,7 @@ def run(cfg: DictConfig, run_dir: Path, world: World | None = None, started: flo
     lr, weight_decay = optimizer_defaults(cfg.optim.optimizer)
     plan = plan_training(model, sources, cfg.policy, lr, weight_decay)
     apply_plan(model, plan)
-    render.show(render.format_trainability(plan))
+    tables.show(tables.format_trainability(plan))
     audit = GradAudit()
     if world.is_main:
         if report is not None:

@@ -43,10 +43,12 @@ def compose_config(overrides: Sequence[str] = (), search_path: Sequence[str] = (
     extra = [f"hydra.searchpath=[{','.join(search_path)}]"] if search_path else []
     try:
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            return compose(config_name, overrides=[*extra, *overrides])
+            cfg = compose(config_name, overrides=[*extra, *overrides])
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(f"cannot compose the config: {exc}",
                           "check the overrides and the config names against `finetune --help` and README.md") from exc
+    _config.check_no_additions(cfg)
+    return cfg
 
 
 # ---- a finished run ----------------------------------------------------------------------------

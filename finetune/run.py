@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from finetune.console import tables
 from finetune.audit import GradAudit
 from finetune.checkpoint.load import NeedsNormalBuild, check_expectations, load_checkpoint, wants_low_memory
-from finetune.config import SavedWeights
+from finetune.config import SavedWeights, check_no_additions
 from finetune.distributed import World, current_world, spawn
 from finetune.errors import ConfigError, TrainingError
 from finetune.model import base_param_names, build_model, pick_device
@@ -35,6 +35,7 @@ def run(cfg: DictConfig, run_dir: Path, world: World | None = None, started: flo
     with trainer.nproc > 1 this process becomes rank 0 and spawns the others)."""
     run_dir = Path(run_dir)
     started = time.perf_counter() if started is None else started
+    check_no_additions(cfg)
     if world is None:
         world = current_world()
         if cfg.trainer.nproc > 1 and not cfg.dry_run:

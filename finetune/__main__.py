@@ -1,4 +1,8 @@
-from finetune.cli import main
+"""`python -m finetune`: the `finetune` command."""
+
+import sys
+
+from finetune.commands.finetune import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -215,6 +215,42 @@ class FinetuneConfig:
     dry_run: bool = False
 
 
+def check_no_additions(cfg, schema: type = None, where: str = "") -> None:
+    """Refuse keys the schema does not have. Hydra's `+group.key=value` (the fix its own message
+    suggests for an unknown key) adds a key even to a structured config; a schema'd group must not
+    take one silently (`+trainer.loss=mse` would be accepted and ignored). Nodes typed Any
+    (`model.base`, `data.train`, `task.loss`, ...) hold the user's own keys and are not checked."""
+    import dataclasses
+    import typing
+
+    from omegaconf import DictConfig, ListConfig
+
+    from finetune.errors import ConfigError
+
+    schema = schema or FinetuneConfig
+    if not isinstance(cfg, DictConfig):
+        return
+    hints = typing.get_type_hints(schema)
+    names = [f.name for f in dataclasses.fields(schema)]
+    for key in cfg.keys():
+        if key not in hints:
+            group = where or "the top level"
+            raise ConfigError(
+                f"{where + '.' if where else ''}{key} is not a key of {group} (its keys: {', '.join(names)}).",
+                f"remove the override `+{where + '.' if where else ''}{key}=...` or the key from your YAML, "
+                "or use one of those keys (README.md, Config reference)")
+        node = cfg._get_node(key)
+        kind = hints[key]
+        name = f"{where}.{key}" if where else str(key)
+        args = typing.get_args(kind)
+        if dataclasses.is_dataclass(kind):
+            check_no_additions(node, kind, name)
+        elif typing.get_origin(kind) in (list, typing.List) and args and dataclasses.is_dataclass(args[0]) \
+                and isinstance(node, ListConfig):
+            for i, item in enumerate(node):
+                check_no_additions(item, args[0], f"{name}[{i}]")
+
+
 def register_configs() -> None:
     """Register the schema as `finetune_schema` (conf/config.yaml lists it first in its defaults)
     and the resolvers: `finetune_asset` (the path of a file shipped with the package) and

@@ -1,21 +1,14 @@
-"""finetune-inspect CKPT [overrides] [--json]: what a checkpoint holds, and how it matches a model.
+"""What a checkpoint holds (`list_tensors`), and how it matches a configured model
+(`match_report`): what `finetune-inspect` shows.
 
 Tensor data is not read: safetensors headers only, torch files memory-mapped.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-
-from hydra.errors import HydraException
-from omegaconf.errors import OmegaConfBaseException
-
-from finetune.errors import FinetuneError
 
 
 @dataclass
@@ -56,73 +49,12 @@ def list_tensors(path: str, fmt: str = "auto", select: str = "auto") -> tuple[st
     ]
 
 
-def format_listing(path: str, fmt: str, infos: list[TensorInfo]) -> str:
-    from finetune.render import _table, group_keys, human
-
-    by_name = {i.name: i for i in infos}
-    rows = []
-    for label, names in group_keys(by_name).items():
-        members = [by_name[n] for n in names]
-        dtypes = sorted({m.dtype for m in members})
-        example = members[0]
-        rows.append([label, len(members), human(sum(m.numel for m in members)), f"{sum(m.bytes for m in members) / 2**20:.2f} MiB",
-                     "/".join(dtypes), f"{example.name.split('.')[-1]} {example.shape}"])
-    total = sum(i.bytes for i in infos)
-    head = f"{path} ({fmt}): {len(infos)} tensors, {human(sum(i.numel for i in infos))} elements, {total / 2**20:.2f} MiB"
-    return head + "\n" + _table(["prefix", "tensors", "numel", "size", "dtype", "e.g."], rows)
-
-
-def match_report(path: str, overrides: list[str]):
+def match_report(path: str, overrides: list[str], config_dirs: list[str] = ()):
     """Build the configured model and load the checkpoint into it: the same code path as a run."""
-    from hydra import compose, initialize_config_dir
-
-    from finetune import config as _config  # noqa: F401
     from finetune.checkpoint.load import load_checkpoint
+    from finetune.compose import as_search_path_entry, compose_config
     from finetune.model import base_param_names, build_model
-    from finetune.paths import config_dir
 
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("config", overrides=[*overrides, f"checkpoint.path={path}"])
+    cfg = compose_config([*overrides, f"checkpoint.path={path}"], [as_search_path_entry(d) for d in config_dirs])
     model, edits = build_model(cfg.model)
     return load_checkpoint(model, cfg.checkpoint, base_param_names(model, edits))
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="finetune-inspect",
-        description="List a checkpoint's tensors; with model overrides (e.g. model=resnet18), show how it "
-        "matches that model and suggest remap rules.",
-    )
-    parser.add_argument("checkpoint", help="a .pt/.pth/.bin/.ckpt/.safetensors file, a shard index or a directory")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides selecting the model, e.g. model=demo checkpoint.remap=[...]")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument("--config-dir", action="append", default=[], help="a directory of your own configs (as for finetune)")
-    args = parser.parse_intermixed_args(argv)
-    if args.config_dir:
-        dirs = ",".join(f"file://{Path(d).resolve()}" for d in args.config_dir)
-        args.overrides.append(f"hydra.searchpath=[{dirs}]")
-    try:
-        fmt, infos = list_tensors(args.checkpoint)
-        report = match_report(args.checkpoint, args.overrides) if args.overrides and not all(o.startswith('hydra.searchpath') for o in args.overrides) else None
-    except FinetuneError as exc:
-        from finetune.cli import report_error
-
-        report_error(exc)
-        return exc.exit_code
-    except (HydraException, OmegaConfBaseException) as exc:  # a bad override: Hydra's own message
-        print(f"finetune-inspect: error: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        out = {"checkpoint": args.checkpoint, "format": fmt, "tensors": [asdict(i) for i in infos]}
-        if report is not None:
-            out["match"] = report.to_json()
-        json.dump(out, sys.stdout, indent=2)
-        print()
-        return 0
-    print(format_listing(args.checkpoint, fmt, infos))
-    if report is not None:
-        from finetune.render import format_load_report
-
-        print()
-        print(format_load_report(report))
-    return 0

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from finetune import render
+from finetune.console import tables
 from finetune.audit import GradAudit
 from finetune.checkpoint.load import NeedsNormalBuild, check_expectations, load_checkpoint, wants_low_memory
-from finetune.config import SavedWeights
+from finetune.config import SavedWeights, check_no_additions
 from finetune.distributed import World, current_world, spawn
 from finetune.errors import ConfigError, TrainingError
 from finetune.model import base_param_names, build_model, pick_device
@@ -35,6 +35,7 @@ def run(cfg: DictConfig, run_dir: Path, world: World | None = None, started: flo
     with trainer.nproc > 1 this process becomes rank 0 and spawns the others)."""
     run_dir = Path(run_dir)
     started = time.perf_counter() if started is None else started
+    check_no_additions(cfg)
     if world is None:
         world = current_world()
         if cfg.trainer.nproc > 1 and not cfg.dry_run:
@@ -61,7 +62,7 @@ def run(cfg: DictConfig, run_dir: Path, world: World | None = None, started: flo
         try:
             check_expectations(report, cfg.checkpoint.expect, model, base_param_names(model, edits))
         finally:
-            render.show(render.format_load_report(report))
+            tables.show(tables.format_load_report(report))
         sources = report.sources()
     else:
         sources = {name: "new" for name, _ in model.named_parameters()}
@@ -70,7 +71,7 @@ def run(cfg: DictConfig, run_dir: Path, world: World | None = None, started: flo
     lr, weight_decay = optimizer_defaults(cfg.optim.optimizer)
     plan = plan_training(model, sources, cfg.policy, lr, weight_decay)
     apply_plan(model, plan)
-    render.show(render.format_trainability(plan))
+    tables.show(tables.format_trainability(plan))
     audit = GradAudit()
     if world.is_main:
         if report is not None:

@@ -215,7 +215,7 @@ def print_summary(rows: list[dict], best: dict | None, sweep_dir: Path) -> None:
     print(f"sweep summary: {sweep_dir / 'sweep_summary.md'} (csv, png beside it)")
 
 
-class _Lock:
+class SummaryLock:
     """An exclusive lock file in the sweep dir: parallel jobs rewrite the summary one at a time."""
 
     def __init__(self, sweep_dir: Path):
@@ -244,37 +244,16 @@ class SweepSummaryCallback(Callback):
             return
         sweep_dir = Path(config.hydra.sweep.dir)
         if sweep_dir.is_dir():
-            with _Lock(sweep_dir):
+            with SummaryLock(sweep_dir):
                 write_sweep_summary(sweep_dir, plot=False)
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
             return
-        with _Lock(sweep_dir):
+        with SummaryLock(sweep_dir):
             rows, best = write_sweep_summary(sweep_dir)
         print_summary(rows, best, sweep_dir)
         if any(r["status"] in FAILED for r in rows):
             sys.exit(1)
 
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="finetune-summary",
-        description="(Re)write sweep_summary.csv, sweep_summary.md and sweep.png of a multirun directory.")
-    parser.add_argument("sweep_dir", type=Path)
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    if not args.sweep_dir.is_dir():
-        print(f"finetune-summary: error: {args.sweep_dir} is not a directory.\n  fix: pass a multirun directory "
-              "(e.g. multirun/DATE/TIME)", file=sys.stderr)
-        return 2
-    if not job_dirs(args.sweep_dir):
-        print(f"finetune-summary: error: {args.sweep_dir} holds no job directories (none with a .hydra/ inside).\n"
-              "  fix: pass the sweep directory itself (the one holding multirun.yaml and 0/, 1/, ...)", file=sys.stderr)
-        return 2
-    with _Lock(args.sweep_dir):
-        rows, best = write_sweep_summary(args.sweep_dir)
-    print_summary(rows, best, args.sweep_dir)
-    return 0

@@ -390,7 +390,7 @@ def load_child(method: str, ckpt: str, conf_dir: str, run_dir: str, out: str, wi
     width_, depth_ = int(width), int(depth)
     fmt = "safetensors" if ckpt.endswith(".safetensors") else "pt"
     if method == "finetune":
-        import finetune.cli
+        import finetune.commands.finetune
         import finetune.run  # imported by the command before any work
     elif fmt == "safetensors":
         from safetensors.torch import load_file
@@ -402,7 +402,7 @@ def load_child(method: str, ckpt: str, conf_dir: str, run_dir: str, out: str, wi
                     f"checkpoint.path={ckpt}", "dry_run=true", f"hydra.run.dir={run_dir}", "trainer.progress=false"]
         with timed_functions([(finetune.run, "run")], stages):  # run(): build, read, load, policy, reports
             try:
-                finetune.cli.main()
+                finetune.commands.finetune.main()
             except SystemExit as exc:
                 if exc.code:
                     raise
@@ -517,7 +517,7 @@ def bench_load(rounds: int = 3, width: int = 4096, depth: int = 16) -> dict:
         "model": f"{depth} x Linear({width}, {width}) + new Linear({width}, 10) head",
         "rounds": rounds,
         "timed": "wall_s: in a fresh process per measurement, from after its imports (torch; safetensors.torch; for "
-                 "finetune also finetune.cli and finetune.run) until the model holds the weights (finetune: the whole "
+                 "finetune also finetune.commands.finetune and finetune.run) until the model holds the weights (finetune: the whole "
                  "`finetune dry_run=true` command: Hydra composes the config, then run() builds, loads, applies the "
                  "policy and writes the reports; run_s is run() alone). process_wall_s: the whole process, interpreter "
                  "start and imports included. peak_rss_mb: VmHWM of that process. The checkpoint file is in the page "

@@ -4,7 +4,6 @@ test configs (tests/conf), tiny models/data (tests/helpers/tiny.py) and tiny che
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -105,7 +104,7 @@ def tiny_cfg(tiny_ckpts) -> Callable:
     return make
 
 
-# ---- subprocess runs of the installed commands -----------------------------------------------
+# ---- subprocess runs of the commands -----------------------------------------------------
 
 
 @pytest.fixture
@@ -118,18 +117,14 @@ def cli_env(finetune_cache) -> dict:
     return env
 
 
-def _command(name: str) -> str:
-    exe = Path(sys.executable).parent / name
-    return str(exe) if exe.exists() else (shutil.which(name) or name)
-
-
 @pytest.fixture
 def cli(cli_env, tmp_path) -> Callable:
-    """Run an installed console script (`finetune`, `finetune-inspect`, or `python`) in a tmp cwd."""
+    """Run a command (`finetune`, `finetune-inspect`, `finetune-eval`, `finetune-summary`, or
+    `python`) in a subprocess in a tmp cwd (helpers/command_line.py says how each is started)."""
+    from command_line import command
 
     def run(name: str, *args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 180):
-        exe = sys.executable if name == "python" else _command(name)
-        return subprocess.run([exe, *args], cwd=cwd or tmp_path, env=env or cli_env, capture_output=True,
+        return subprocess.run([*command(name), *args], cwd=cwd or tmp_path, env=env or cli_env, capture_output=True,
                               text=True, timeout=timeout)
 
     return run

@@ -58,7 +58,11 @@ def test_default_config_composes(compose):
 def test_every_shipped_option_composes(compose, group, option):
     cfg = compose([f"{group}={option}"], search=())
     expected = yaml.safe_load((CONF / group / f"{option}.yaml").read_text()) or {}
-    actual = OmegaConf.to_container(cfg[group], resolve=False, enum_to_str=True)
+    if group == "experiment":  # `# @package _global_`: its keys land at the top level, its defaults choose groups
+        expected.pop("defaults", None)
+        actual = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
+    else:
+        actual = OmegaConf.to_container(cfg[group], resolve=False, enum_to_str=True)
     assert is_subset(expected, actual), (expected, actual)
 
 
@@ -146,3 +150,33 @@ def test_unknown_key_or_wrong_type_in_user_yaml_fails(compose, tmp_path, group, 
 def test_test_configs_compose(compose, tiny_ckpts):
     cfg = compose(["model=tiny", "data=tiny", "checkpoint=tiny", f"checkpoint.path={tiny_ckpts.safetensors}"])
     assert cfg.model.add[1].name == "adapter1" and cfg.data.batch_size == 16
+
+
+@pytest.mark.parametrize("override, named", [
+    ("+trainer.loss=mse", "trainer.loss is not a key of trainer"),
+    ("+foo=1", "foo is not a key of the top level"),
+    ("+checkpoint.expect.extra=[]", "checkpoint.expect.extra is not a key of checkpoint.expect"),
+])
+def test_an_added_key_in_a_schemad_group_is_refused(compose, override, named):
+    from finetune.config import check_no_additions
+    from finetune.errors import ConfigError
+
+    cfg = compose([override])  # Hydra's `+` adds it even to a structured config
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")) as caught:
+        check_no_additions(cfg)
+    assert "its keys:" in caught.value.problem
+
+
+def test_keys_of_the_users_own_nodes_may_be_added(compose):
+    from finetune.config import check_no_additions
+
+    check_no_additions(compose(["+data.train.delay=0.01", "+model.base.extra=1"]))  # Any-typed nodes: the user's
+
+
+def test_an_added_key_stops_the_run_before_it_writes(compose, tmp_path):
+    from finetune.errors import ConfigError
+    from finetune.run import run
+
+    with pytest.raises(ConfigError, match="trainer.loss"):
+        run(compose(["+trainer.loss=mse", "dry_run=true"]), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

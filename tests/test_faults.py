@@ -1,4 +1,4 @@
-"""Faults done for real on the installed `finetune` command: SIGKILL then resume, SIGTERM, a
+"""Faults done for real on the `finetune` command: SIGKILL then resume, SIGTERM, a
 second signal, and a checkpoint write that fails. A resumed run must end bit-identical."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import command_line
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -21,8 +21,7 @@ TESTS_CONF = Path(__file__).parent / "conf"
 
 
 def command(run_dir: Path, ckpt: Path, *extra: str, delay: float = 0.01) -> list[str]:
-    exe = Path(sys.executable).parent / "finetune"
-    return [str(exe), "--config-dir", str(TESTS_CONF), "model=tiny", "data=tiny", "checkpoint=tiny",
+    return [*command_line.command("finetune"), "--config-dir", str(TESTS_CONF), "model=tiny", "data=tiny", "checkpoint=tiny",
             f"checkpoint.path={ckpt}", "optim=adamw_cosine", "trainer.epochs=4", "trainer.progress=false",
             "trainer.checkpoint_every=3", "trainer.tensorboard=false", f"+data.train.delay={delay}",
             f"hydra.run.dir={run_dir}", *extra]

@@ -299,7 +299,7 @@ def test_invalid_index_json(tmp_path):
 
 
 def test_inspect_names_a_truncated_safetensors_file(tiny_ckpts, tmp_path, capsys):
-    from finetune.inspection import main
+    from finetune.commands.inspect import main
 
     data = tiny_ckpts.safetensors.read_bytes()
     path = tmp_path / "cut.safetensors"

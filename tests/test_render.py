@@ -1,4 +1,4 @@
-"""finetune.render.group_keys: module-prefix groups with compressed indices."""
+"""finetune.console.tables.group_keys: module-prefix groups with compressed indices."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny import TinyNet
 
-from finetune.render import group_keys
+from finetune.console.tables import group_keys
 
 
 def resnet_like_keys() -> list[str]:

@@ -9,10 +9,10 @@ import csv
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import command_line
 import pytest
 
 from finetune.paths import reserve_dir
@@ -188,7 +188,7 @@ def test_optuna_search_returns_the_metric_and_resumes(cli, tmp_path, tiny_ckpts)
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_with_the_same_command(tmp_path, cli_env, tiny_ckpts):
     sweep = tmp_path / "sweep"
-    cmd = [str(Path(sys.executable).parent / "finetune"),
+    cmd = [*command_line.command("finetune"),
            *tiny(tiny_ckpts.safetensors, sweep, "trainer.epochs=4", "+data.train.delay=0.005",
                  "optim.optimizer.lr=1e-3,3e-3,1e-2")]
     proc = subprocess.Popen(cmd, env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -226,8 +226,7 @@ def test_reusing_a_sweep_dir_with_other_settings_is_refused(cli, tmp_path, tiny_
 
 @pytest.mark.slow
 def test_two_runs_started_in_the_same_second_get_their_own_directories(cli_env, tmp_path, tiny_ckpts):
-    exe = str(Path(sys.executable).parent / "finetune")
-    args = [exe, "--config-dir", str(TESTS_CONF), "model=tiny", "data=tiny", "checkpoint=tiny",
+    args = [*command_line.command("finetune"), "--config-dir", str(TESTS_CONF), "model=tiny", "data=tiny", "checkpoint=tiny",
             f"checkpoint.path={tiny_ckpts.safetensors}", "dry_run=true"]
     procs = [subprocess.Popen(args, cwd=tmp_path, env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
              for _ in range(3)]

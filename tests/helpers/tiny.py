@@ -37,6 +37,15 @@ class TinyNetUnused(TinyNet):
         self.unused = nn.Linear(hidden, hidden)
 
 
+class TinyNetRaising(TinyNet):
+    """TinyNet whose forward raises in training mode: a bug in a user's model, not a config error."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            raise IndexError("adapter mask index 16 is out of bounds for dimension 0 with size 16")
+        return super().forward(x)
+
+
 def tiny_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     """A deterministic model-A state dict with non-default BatchNorm statistics."""
     torch.manual_seed(seed)

@@ -1,4 +1,5 @@
-"""Console presentation: the load report and the trainability plan as tables grouped by module.
+"""Console presentation: the load report, the trainability plan and a checkpoint's tensors as
+tables grouped by module.
 
 Keys are grouped by module prefix with layer indices compressed (`layer{1..4}.*`), so a
 ResNet-50 fits on one screen; the JSON files keep every key. Output goes through the
@@ -181,6 +182,21 @@ def format_trainability(plan: TrainPlan) -> str:
     if plan.frozen_norms:
         lines.append(f"  norm layers kept in eval mode (policy.bn=freeze_stats): {len(plan.frozen_norms)}")
     return "\n".join(lines)
+
+
+def format_tensor_listing(path: str, fmt: str, infos: Sequence) -> str:
+    """A checkpoint's tensors (inspection.TensorInfo: name, shape, dtype, numel, bytes) by prefix."""
+    by_name = {i.name: i for i in infos}
+    rows = []
+    for label, names in group_keys(by_name).items():
+        members = [by_name[n] for n in names]
+        dtypes = sorted({m.dtype for m in members})
+        example = members[0]
+        rows.append([label, len(members), human(sum(m.numel for m in members)), f"{sum(m.bytes for m in members) / 2**20:.2f} MiB",
+                     "/".join(dtypes), f"{example.name.split('.')[-1]} {example.shape}"])
+    total = sum(i.bytes for i in infos)
+    head = f"{path} ({fmt}): {len(infos)} tensors, {human(sum(i.numel for i in infos))} elements, {total / 2**20:.2f} MiB"
+    return head + "\n" + _table(["prefix", "tensors", "numel", "size", "dtype", "e.g."], rows)
 
 
 def show(text: str) -> None:

@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from finetune.errors import ConfigError
+from finetune.errors import ConfigError, FinetuneError
 
 
 class EpochSampler(Sampler[int]):
@@ -76,6 +76,8 @@ def build_dataset(spec, split: str) -> Dataset:
         dataset = instantiate(spec, _convert_="all")
     except (InstantiationException, OmegaConfBaseException) as exc:
         cause = exc.__cause__ or exc
+        if isinstance(cause, FinetuneError):  # the factory's own message names the problem and the fix
+            raise cause from None
         if isinstance(exc, OmegaConfBaseException):
             raise ConfigError(f"data.{split}: {str(exc).splitlines()[0]}", "set the missing value, e.g. data.root=/path/to/images") from exc
         raise ConfigError(
@@ -95,6 +97,8 @@ def build_collate(spec):
         collate = instantiate(spec, _convert_="all")
     except (InstantiationException, OmegaConfBaseException) as exc:
         cause = exc.__cause__ or exc
+        if isinstance(cause, FinetuneError):
+            raise cause from None
         raise ConfigError(f"could not build data.collate: {type(cause).__name__}: {cause}",
                           "give data.collate a _target_ returning a callable, e.g. {_target_: mypkg.PadCollate, _partial_: ...}") from exc
     if not callable(collate):

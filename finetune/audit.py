@@ -11,7 +11,8 @@ from torch import nn
 import logging
 
 from finetune.errors import AuditError
-from finetune.policy import TrainPlan, glob_matches
+from finetune.matching import glob_matches
+from finetune.policy import TrainPlan
 
 
 log = logging.getLogger(__name__)

@@ -2,14 +2,19 @@
 
 Edits never rename an existing parameter, so a checkpoint of the base still matches by name:
 - `replace` puts the new module at the same attribute (`fc` stays `fc`);
-- `after` / `before` register the new module under its own `name` beside `at` (on the same
-  parent) and route `at`'s output (or input) through it with a forward hook, which works for
-  any architecture whether its `forward` calls attributes or iterates a Sequential.
+- `after` / `before` register the new module under its own `name` and route `at`'s output (or
+  input) through it with a forward hook, so it runs exactly once, where `at` runs, whether the
+  model's `forward` calls attributes or iterates a container. It is registered beside `at`, on
+  the same parent, unless that parent is a container that iterates its children (nn.Sequential,
+  nn.ModuleList, nn.ModuleDict: a ViT's `blocks`, a ResNet's `layer4`): then on the nearest
+  ancestor that is not one, so no container ever runs it a second time
+  (`after blocks.5, name adapter5` gives `adapter5`, `after bert.encoder.layer.3` gives
+  `bert.encoder.adapter3`).
 """
 
 from __future__ import annotations
 
-import difflib
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -19,14 +24,88 @@ from torch import nn
 
 from finetune.config import EditOp
 from finetune.errors import ConfigError
+from finetune.matching import closest_names
+
+CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+class WiringError(ConfigError):
+    """An added module does not fit where model.add put it (found on the first forward pass)."""
 
 
 @dataclass(frozen=True)
 class AppliedEdit:
     op: str
     at: str
-    name: str  # dotted name of the new module in model B
+    name: str  # dotted name of the new module in model B (for replace: `at`)
     module_type: str
+    index: int = 0  # position in model.add
+
+    @property
+    def rule(self) -> str:
+        """How messages and reports name the edit: `model.add[1] (after layer2)`."""
+        return f"model.add[{self.index}] ({self.op} {self.at})"
+
+    def covers(self, key: str) -> bool:
+        """`key` (a parameter or state_dict key of model B) belongs to the module this edit put in."""
+        return key == self.name or key.startswith(self.name + ".")
+
+
+def _shape(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return str(list(value.shape))
+    if isinstance(value, (tuple, list)) and value:
+        return f"{type(value).__name__}({_shape(value[0])}, ...)"
+    return type(value).__name__
+
+
+class _Inserted:
+    """Runs an added module on the first tensor of `at`'s output (`after`) or input (`before`);
+    the other elements of a tuple output / the other arguments pass through unchanged. A module
+    that fails there raises one message naming the edit, the module and the shape it got."""
+
+    def __init__(self, module: nn.Module, edit: AppliedEdit):
+        self.module = module
+        self.edit = edit
+
+    def run(self, value):
+        try:
+            return self.module(value)
+        except WiringError:
+            raise
+        except Exception as exc:
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            where = "output" if self.edit.op == "after" else "input"
+            raise WiringError(
+                f"{self.edit.rule}: the new module '{self.edit.name}' ({self.edit.module_type}) failed on the "
+                f"{where} of '{self.edit.at}', shape {_shape(value)}: {type(exc).__name__}: {first}",
+                f"give the module the sizes of '{self.edit.at}'s {where} (e.g. its channels / features), "
+                "or insert it somewhere else",
+            ) from exc
+
+
+class RunAfter(_Inserted):
+    def __call__(self, _module, _inputs, output):
+        if isinstance(output, torch.Tensor):
+            return self.run(output)
+        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+            return (self.run(output[0]), *output[1:])
+        raise WiringError(
+            f"{self.edit.rule}: '{self.edit.at}' returns {type(output).__name__}, not a tensor or a tuple "
+            "starting with one, so the new module has nothing to run on.",
+            "insert it after a submodule that returns a tensor, or wrap the output yourself in a module used with op: replace",
+        )
+
+
+class RunBefore(_Inserted):
+    def __call__(self, _module, args, kwargs):
+        if args and isinstance(args[0], torch.Tensor):
+            return (self.run(args[0]), *args[1:]), kwargs
+        raise WiringError(
+            f"{self.edit.rule}: '{self.edit.at}' was called without a tensor as its first positional argument "
+            f"(positional: {_shape(args)}, keywords: {sorted(kwargs)}), so the new module has nothing to run on.",
+            "insert it before a submodule called with its input as the first positional argument",
+        )
 
 
 def _instantiate_module(spec, what: str) -> nn.Module:
@@ -51,21 +130,44 @@ def _instantiate_module(spec, what: str) -> nn.Module:
     return module
 
 
-def _split_parent(model: nn.Module, dotted: str) -> tuple[nn.Module, str]:
-    module_names = [name for name, _ in model.named_modules() if name]
-    if dotted not in module_names:
-        close = difflib.get_close_matches(dotted, module_names, n=3, cutoff=0.5)
-        hint = f"did you mean {', '.join(close)}?" if close else f"top-level modules: {', '.join(n for n in module_names if '.' not in n)}"
-        raise ConfigError(f"model.add: no submodule named '{dotted}' in the base model.", hint)
-    parent_name, _, leaf = dotted.rpartition(".")
-    return model.get_submodule(parent_name), leaf
+def _module_names(model: nn.Module) -> list[str]:
+    return [name for name, _ in model.named_modules() if name]
+
+
+def _check_at(model: nn.Module, dotted: str, index: int) -> None:
+    names = _module_names(model)
+    if dotted not in names:
+        close = closest_names(dotted, names)
+        hint = (f"closest module names: {', '.join(close)}" if close
+                else f"top-level modules: {', '.join(n for n in names if '.' not in n)}")
+        raise ConfigError(f"model.add[{index}]: no submodule named '{dotted}' in the model.", hint)
+
+
+def _home(model: nn.Module, at: str) -> str:
+    """Where an after/before module is registered: the parent of `at`, or, when that parent is a
+    container that iterates its children, the nearest ancestor that is not one ('' is the root)."""
+    parts = at.split(".")[:-1]
+    while parts and isinstance(model.get_submodule(".".join(parts)), CONTAINERS):
+        parts.pop()
+    home = ".".join(parts)
+    if not parts and isinstance(model, CONTAINERS):
+        # The root itself iterates its children (a bare nn.Sequential): hang the module on `at`.
+        target = model.get_submodule(at)
+        if isinstance(target, CONTAINERS):
+            raise ConfigError(
+                f"'{at}' and every module above it are containers that run their children in order "
+                "(nn.Sequential / ModuleList / ModuleDict): an added module registered on any of them would run twice.",
+                f"insert it after or before a submodule of '{at}', or use op: replace with an nn.Sequential of both",
+            )
+        return at
+    return home
 
 
 def _apply_edit(model: nn.Module, edit, index: int) -> AppliedEdit:
     op = EditOp(edit.op) if not isinstance(edit.op, EditOp) else edit.op
+    _check_at(model, edit.at, index)
     new_module = _instantiate_module(edit.module, f"model.add[{index}].module")
-    parent, leaf = _split_parent(model, edit.at)
-    prefix = edit.at.rpartition(".")[0]
+    parent_name, _, leaf = edit.at.rpartition(".")
 
     if op is EditOp.replace:
         if edit.name not in (None, leaf):
@@ -73,27 +175,30 @@ def _apply_edit(model: nn.Module, edit, index: int) -> AppliedEdit:
                 f"model.add[{index}]: `replace` keeps the name '{leaf}', so `name: {edit.name}` cannot apply.",
                 "drop `name` from a replace edit",
             )
-        parent._modules[leaf] = new_module
-        return AppliedEdit(op.value, edit.at, edit.at, type(new_module).__name__)
+        model.get_submodule(parent_name)._modules[leaf] = new_module
+        return AppliedEdit(op.value, edit.at, edit.at, type(new_module).__name__, index)
 
     if not edit.name or "." in edit.name:
         raise ConfigError(
             f"model.add[{index}]: `{op.value}` needs a `name` (one identifier) for the new module.",
             f"e.g. {{op: {op.value}, at: {edit.at}, name: adapter1, module: ...}}",
         )
-    if hasattr(parent, edit.name):
+    home_name = _home(model, edit.at)
+    home = model.get_submodule(home_name)
+    full_name = f"{home_name}.{edit.name}" if home_name else edit.name
+    if hasattr(home, edit.name):
         raise ConfigError(
-            f"model.add[{index}]: '{edit.name}' already exists beside '{edit.at}'.",
-            "choose a `name` that the base model does not use",
+            f"model.add[{index}]: '{full_name}' already exists in the model.",
+            "choose a `name` that the model does not use",
         )
-    parent.add_module(edit.name, new_module)
-    target = parent.get_submodule(leaf)
+    home.add_module(edit.name, new_module)
+    applied = AppliedEdit(op.value, edit.at, full_name, type(new_module).__name__, index)
+    target = model.get_submodule(edit.at)
     if op is EditOp.after:
-        target.register_forward_hook(lambda _m, _inputs, output: new_module(output))
+        target.register_forward_hook(RunAfter(new_module, applied))
     else:
-        target.register_forward_pre_hook(lambda _m, inputs: (new_module(*inputs),))
-    full_name = f"{prefix}.{edit.name}" if prefix else edit.name
-    return AppliedEdit(op.value, edit.at, full_name, type(new_module).__name__)
+        target.register_forward_pre_hook(RunBefore(new_module, applied), with_kwargs=True)
+    return applied
 
 
 def build_model(model_cfg) -> tuple[nn.Module, list[AppliedEdit]]:
@@ -103,10 +208,60 @@ def build_model(model_cfg) -> tuple[nn.Module, list[AppliedEdit]]:
     return model, edits
 
 
+@contextlib.contextmanager
+def watch_edits(model: nn.Module, edits: list[AppliedEdit]):
+    """Around the first forward/backward: each after/before module must run exactly as often as
+    its `at` (never a second time from a container), and when the forward fails downstream of a
+    module that changed the shape it was given, the error names that edit and both shapes."""
+    inserted = [e for e in edits if e.op != "replace"]
+    calls: dict[str, int] = {}
+    shapes: dict[str, tuple[str, str]] = {}
+    handles = []
+
+    def counter(key):
+        def hook(_module, inputs, output):
+            calls[key] = calls.get(key, 0) + 1
+            if key.startswith("new:") and inputs and isinstance(output, torch.Tensor) and isinstance(inputs[0], torch.Tensor):
+                if inputs[0].shape != output.shape:
+                    shapes[key[4:]] = (_shape(inputs[0]), _shape(output))
+        return hook
+
+    for e in inserted:
+        handles.append(model.get_submodule(e.name).register_forward_hook(counter("new:" + e.name)))
+        handles.append(model.get_submodule(e.at).register_forward_hook(counter("at:" + e.name)))
+    try:
+        yield
+    except WiringError:
+        raise
+    except Exception as exc:
+        changed = [e for e in inserted if e.name in shapes]
+        if not changed:
+            raise
+        e = changed[-1]
+        before, after = shapes[e.name]
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise WiringError(
+            f"the forward pass failed after {e.rule} ('{e.name}', {e.module_type}) changed the shape it was given "
+            f"from {before} to {after}: {type(exc).__name__}: {first}",
+            f"a module inserted with `{e.op}` must give what comes next the shape it expects: make '{e.name}' "
+            f"return {before}, or adapt the modules after it",
+        ) from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+    for e in inserted:
+        ran, at_ran = calls.get("new:" + e.name, 0), calls.get("at:" + e.name, 0)
+        if ran > at_ran:
+            raise WiringError(
+                f"{e.rule}: the new module '{e.name}' ran {ran} times in one forward pass, but '{e.at}' ran "
+                f"{at_ran}: something besides the hook calls it (a parent that iterates its children?).",
+                f"name a different `at`, or register the module yourself; report it if '{e.name}'s parent does not iterate",
+            )
+
+
 def base_param_names(model: nn.Module, edits: list[AppliedEdit]) -> list[str]:
     """Names of parameters that belong to the base architecture (not inside an added module)."""
-    added = tuple(e.name + "." for e in edits)
-    return [n for n, _ in model.named_parameters() if not n.startswith(added)]
+    return [n for n, _ in model.named_parameters() if not any(e.covers(n) for e in edits)]
 
 
 def pick_device(requested: str) -> torch.device:

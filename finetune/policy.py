@@ -7,40 +7,16 @@ did not provide) > `policy.freeze` globs > trainable. A glob matches a parameter
 
 from __future__ import annotations
 
-import difflib
-import fnmatch
 import inspect
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
-
 import torch
 from torch import nn
 
 from finetune.config import NewParams, NormMode
 from finetune.errors import PolicyError
+from finetune.matching import glob_matches, require_matches
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-
-
-def glob_matches(glob: str, name: str) -> bool:
-    return fnmatch.fnmatchcase(name, glob) or fnmatch.fnmatchcase(name, glob + ".*")
-
-
-def names_matching(globs: Iterable[str], names: Sequence[str], where: str) -> set[str]:
-    """Names matched by any glob. A glob that matches nothing is an error naming the closest names."""
-    matched: set[str] = set()
-    for glob in globs:
-        hits = {n for n in names if glob_matches(glob, n)}
-        if not hits:
-            modules = sorted({".".join(n.split(".")[:i]) for n in names for i in range(1, n.count(".") + 2)})
-            close = difflib.get_close_matches(glob.rstrip(".*"), modules, n=3, cutoff=0.4)
-            raise PolicyError(
-                f"{where}: glob {glob!r} matches no parameter.",
-                (f"closest names: {', '.join(close)}" if close else f"parameter names look like: {', '.join(names[:3])}")
-                + " (globs are fnmatch over dotted names, e.g. 'layer1.*' or just 'layer1')",
-            )
-        matched |= hits
-    return matched
 
 
 @dataclass
@@ -119,9 +95,9 @@ def is_no_decay(name: str, param: torch.Tensor) -> bool:
 def plan_training(model: nn.Module, sources: dict[str, str], policy, lr: float, weight_decay: float) -> TrainPlan:
     params = dict(model.named_parameters())
     names = list(params)
-    forced = names_matching(policy.train, names, "policy.train")
-    frozen = names_matching(policy.freeze, names, "policy.freeze")
-    names_matching(policy.allow_no_grad, names, "policy.allow_no_grad")
+    forced = require_matches(policy.train, names, "policy.train", error=PolicyError)
+    frozen = require_matches(policy.freeze, names, "policy.freeze", error=PolicyError)
+    require_matches(policy.allow_no_grad, names, "policy.allow_no_grad", error=PolicyError)
     new_names = {n for n in names if sources.get(n, "checkpoint") != "checkpoint"}
     for i, glob in enumerate(policy.freeze):
         hits = {n for n in names if glob_matches(glob, n)}
@@ -139,7 +115,7 @@ def plan_training(model: nn.Module, sources: dict[str, str], policy, lr: float, 
         return name not in frozen
 
     group_specs = list(policy.groups)
-    group_members = [names_matching(g.params, names, f"policy.groups[{i}].params") for i, g in enumerate(group_specs)]
+    group_members = [require_matches(g.params, names, f"policy.groups[{i}].params", error=PolicyError) for i, g in enumerate(group_specs)]
     groups: dict[str, GroupPlan] = {}
     plans = []
     for name in names:
@@ -217,7 +193,7 @@ def unfreeze(model: nn.Module, entry, index: int, lr: float, weight_decay: float
     """Make the entry's frozen parameters trainable; returns the optimizer groups to add
     (one at lr × lr_mult, and its no-decay twin for biases and norm weights)."""
     names = list(dict(model.named_parameters()))
-    chosen = names_matching(entry.params, names, f"policy.unfreeze[{index}].params")
+    chosen = require_matches(entry.params, names, f"policy.unfreeze[{index}].params", error=PolicyError)
     named = [(n, p) for n, p in model.named_parameters() if n in chosen and not p.requires_grad]
     for _, p in named:
         p.requires_grad_(True)

@@ -108,7 +108,7 @@ ERRORS = {
     "freeze-matches-nothing": (["policy.freeze=[layer9]"], None, "glob 'layer9' matches no parameter"),
     "shape-mismatch-error": (["checkpoint.on_shape_mismatch=error"], None, "do not fit the model's shapes"),
     "shape-override-matches-nothing": (["checkpoint.shape_overrides=[{keys: 'head.*', action: skip}]"], None,
-                                       "checkpoint.shape_overrides[0]: glob(s) ['head.*'] match no key of the model"),
+                                       "checkpoint.shape_overrides[0].keys: glob 'head.*' matches no model key"),
     "wrong-type": (["trainer.epochs=abc"], None, "trainer.epochs"),
     "unsafe-pickle": ([], "unsafe", "refused"),
     "corrupt-checkpoint": ([], "garbage", "neither a torch file"),

@@ -217,7 +217,7 @@ def test_undeclared_missing_raises(compose, tiny_ckpts):
 
 
 def test_missing_glob_matching_no_model_key_raises(compose, tiny_ckpts):
-    with pytest.raises(CheckpointError, match="match no key of the model"):
+    with pytest.raises(CheckpointError, match="matches no model key"):
         load(compose, tiny_ckpts.safetensors, "checkpoint.expect.missing=[adapter1.*,adaptr9.*]")
 
 

@@ -10,9 +10,7 @@ from finetune.config import NewParams, NormMode, ParamGroupSpec, PolicyConfig, U
 from finetune.errors import PolicyError
 from finetune.policy import (
     apply_plan,
-    glob_matches,
     is_no_decay,
-    names_matching,
     optimizer_defaults,
     param_groups,
     plan_training,
@@ -38,46 +36,6 @@ def plan(model, sources=NEW_HEAD, **policy):
 
 def trainable(p) -> set[str]:
     return set(p.trainable_names)
-
-
-# ---- globs -----------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "glob, name, expected",
-    [
-        ("layer1", "layer1.0.weight", True),  # a module prefix matches everything under it
-        ("layer1", "layer10.weight", False),  # ... but not a sibling that shares the spelling
-        ("layer1.*", "layer1.0.weight", True),
-        ("layer1.0", "layer1.0.bias", True),
-        ("*.bias", "layer1.0.bias", True),
-        ("*.bias", "layer1.0.weight", False),
-        ("head.weight", "head.weight", True),
-        ("head", "header.weight", False),
-        ("layer?.0.weight", "layer2.0.weight", True),
-        ("Layer1", "layer1.0.weight", False),  # case-sensitive
-    ],
-)
-def test_glob_matches(glob, name, expected):
-    assert glob_matches(glob, name) is expected
-
-
-def test_names_matching_unions_globs():
-    assert names_matching(["layer1.0", "head"], ALL, "policy.freeze") == {
-        "layer1.0.weight", "layer1.0.bias", "head.weight", "head.bias"}
-
-
-def test_names_matching_dead_glob_names_closest():
-    with pytest.raises(PolicyError) as info:
-        names_matching(["head", "layr2"], ALL, "policy.freeze")
-    assert "policy.freeze" in info.value.problem and "'layr2'" in info.value.problem
-    assert "layer2" in info.value.fix
-
-
-def test_names_matching_dead_glob_without_close_names_shows_examples():
-    with pytest.raises(PolicyError) as info:
-        names_matching(["zzzzzzzz"], ALL, "policy.train")
-    assert "layer1.0.weight" in info.value.fix
 
 
 # ---- precedence ------------------------------------------------------------------------------

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
-import fnmatch
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,6 +16,7 @@ from finetune.checkpoint.remap import dominant_prefix, map_keys
 from finetune.checkpoint.report import LoadReport, Mismatch, RemapSuggestion
 from finetune.config import ShapePolicy
 from finetune.errors import CheckpointError, ConfigError
+from finetune.matching import glob_matches, require_matches
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +38,7 @@ class ShapeRules:
 
     def action_for(self, key: str) -> tuple[ShapePolicy, str]:
         for rule, globs, action in self.overrides:
-            if any(fnmatch.fnmatchcase(key, g) for g in globs):
+            if any(glob_matches(g, key) for g in globs):
                 return action, rule
         return self.default, DEFAULT_RULE
 
@@ -59,14 +58,7 @@ def shape_rules(ckpt_cfg, model_keys: Sequence[str]) -> ShapeRules:
         globs = [keys] if isinstance(keys, str) else keys
         if not isinstance(globs, list) or not globs or not all(isinstance(g, str) and g for g in globs):
             raise ConfigError(f"{rule}.keys={keys!r} is not a glob or a list of globs.", "e.g. keys: 'head.*' or keys: ['head.*', pos_embed]")
-        dead = [g for g in globs if not any(fnmatch.fnmatchcase(k, g) for k in model_keys)]
-        if dead:
-            close = difflib.get_close_matches(dead[0], list(model_keys), n=3, cutoff=0.5)
-            raise ConfigError(
-                f"{rule}: glob(s) {dead} match no key of the model.",
-                "fix the glob (names as in model.state_dict(), e.g. 'head.*')"
-                + (f"; closest keys: {', '.join(close)}" if close else "") + ", or remove the entry",
-            )
+        require_matches(globs, model_keys, f"{rule}.keys", what="model key")
         overrides.append((rule, globs, ShapePolicy(entry["action"])))
     return ShapeRules(ShapePolicy(ckpt_cfg.on_shape_mismatch), overrides)
 
@@ -205,7 +197,7 @@ def suggest_remaps(missing: Sequence[str], unexpected: Sequence[str], shapes_mis
 
 
 def _undeclared(keys: Sequence[str], globs: Sequence[str]) -> list[str]:
-    return [k for k in keys if not any(fnmatch.fnmatchcase(k, g) for g in globs)]
+    return [k for k in keys if not any(glob_matches(g, k) for g in globs)]
 
 
 def check_expectations(report: LoadReport, expect, model: nn.Module, base_params: Sequence[str]) -> None:
@@ -217,12 +209,8 @@ def check_expectations(report: LoadReport, expect, model: nn.Module, base_params
         globs = getattr(expect, field_name)
         if globs is None:
             continue
-        dead = [g for g in globs if not any(fnmatch.fnmatchcase(k, g) for k in universe)]
-        if dead and field_name == "missing":
-            raise CheckpointError(
-                f"checkpoint.expect.missing glob(s) {dead} match no key of the model.",
-                "fix the glob (names as in model.state_dict(), e.g. 'fc.*'), or remove it",
-            )
+        if field_name == "missing":
+            require_matches(globs, universe, "checkpoint.expect.missing", what="model key", error=CheckpointError)
         surprises = _undeclared(keys, globs)
         if surprises:
             shown = ", ".join(surprises[:8]) + (f", ... ({len(surprises)} in all)" if len(surprises) > 8 else "")

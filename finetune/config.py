@@ -213,6 +213,7 @@ class FinetuneConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     seed: int = 0
     dry_run: bool = False
+    dry_run_batches: int = 1  # a dry run passes this many training batches forward and backward; 0: load only
 
 
 def check_no_additions(cfg, schema: type = None, where: str = "") -> None:

@@ -23,6 +23,7 @@ from finetune.config import Precision
 from finetune.console.progress import format_metrics, progress_bar
 from finetune.distributed import SINGLE, StopVote, World
 from finetune.errors import TrainingError
+from finetune.model import pick_device, watch_edits
 from finetune.policy import unfreeze_due
 from finetune.run_files import write_trainability
 from finetune.session import Session, add_unfrozen_groups
@@ -125,7 +126,9 @@ def train_step(s: Session, net: nn.Module, batch, closes_step: bool) -> tuple[to
     batch = move_to(batch, s.device, channels_last=t.channels_last)
     if t.skip_nonfinite:  # the forward of a bad batch also moves BatchNorm statistics: keep a copy
         buffers_before = [b.detach().clone() for b in s.model.buffers()]
-    with autocast(s.device, t.precision), no_sync(s, net, closes_step):
+    first = s.progress.step == 0 and s.progress.batch == 0  # model.add's modules are checked on it
+    with autocast(s.device, t.precision), no_sync(s, net, closes_step), \
+            (watch_edits(s.model) if first else contextlib.nullcontext()):
         step = s.task.step(net, batch)
     loss = step.loss
     if t.skip_nonfinite and not torch.isfinite(loss):  # opt-in: costs a host sync per batch
@@ -156,6 +159,36 @@ def optimizer_step(s: Session) -> None:
     if s.scheduler is not None:
         s.scheduler.step()
     p.step += 1
+
+
+def dry_run_pass(cfg, model: nn.Module, audit) -> int:
+    """`dry_run_batches` training batches forward and backward, no optimizer step, nothing saved:
+    wiring errors of model.add and the gradient audit answer "will it train?" before any training.
+    Returns the number of batches passed."""
+    from finetune.data import build_loaders
+
+    wanted = cfg.dry_run_batches
+    task = Task.from_config(cfg.task)
+    task.monitor(cfg.trainer)  # an unknown trainer.monitor fails in a dry run too
+    device = pick_device(cfg.trainer.device)
+    model.to(device)
+    task.to(device)
+    train_loader, _, _ = build_loaders(cfg.data, cfg.seed, pin_memory=False)
+    model.train()
+    done = 0
+    for batch in train_loader:
+        batch = move_to(batch, device, channels_last=cfg.trainer.channels_last)
+        with autocast(device, cfg.trainer.precision), (watch_edits(model) if done == 0 else contextlib.nullcontext()):
+            step = task.step(model, batch)
+        (step.loss / wanted).backward()
+        done += 1
+        if done >= wanted:
+            break
+    if done == 0:
+        raise TrainingError("the dry run found no training batch: data.train is empty.", "check data.train")
+    audit_gradients(model, list(cfg.policy.allow_no_grad), audit)
+    model.zero_grad(set_to_none=True)
+    return done
 
 
 @torch.no_grad()

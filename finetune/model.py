@@ -208,12 +208,22 @@ def build_model(model_cfg) -> tuple[nn.Module, list[AppliedEdit]]:
     return model, edits
 
 
+def inserted_edits(model: nn.Module) -> list[AppliedEdit]:
+    """The after/before edits wired into `model` (read from their hooks), in model.add order."""
+    found = {}
+    for module in model.modules():
+        for hook in [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]:
+            if isinstance(hook, _Inserted):
+                found[hook.edit.index] = hook.edit
+    return [found[i] for i in sorted(found)]
+
+
 @contextlib.contextmanager
-def watch_edits(model: nn.Module, edits: list[AppliedEdit]):
-    """Around the first forward/backward: each after/before module must run exactly as often as
-    its `at` (never a second time from a container), and when the forward fails downstream of a
+def watch_edits(model: nn.Module):
+    """Around the first forward pass: each after/before module must run exactly as often as its
+    `at` (never a second time from a container), and when the forward fails downstream of a
     module that changed the shape it was given, the error names that edit and both shapes."""
-    inserted = [e for e in edits if e.op != "replace"]
+    inserted = inserted_edits(model)
     calls: dict[str, int] = {}
     shapes: dict[str, tuple[str, str]] = {}
     handles = []

@@ -302,10 +302,10 @@ def bench_sweep(rounds: int = 3, train_epochs: int = 12) -> dict:
     one, eight, serial, parallel, threads = [], [], [], [], {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        run_sweep(tmp / "warm", ["dry_run=true", "seed=0"])  # demo data cache, page cache
+        run_sweep(tmp / "warm", ["dry_run=true", "dry_run_batches=0", "seed=0"])  # demo data cache, page cache
         for r in range(rounds):
-            one.append(run_sweep(tmp / f"one{r}", ["dry_run=true", "seed=0"]))
-            eight.append(run_sweep(tmp / f"eight{r}", ["dry_run=true", "seed=range(8)"]))
+            one.append(run_sweep(tmp / f"one{r}", ["dry_run=true", "dry_run_batches=0", "seed=0"]))
+            eight.append(run_sweep(tmp / f"eight{r}", ["dry_run=true", "dry_run_batches=0", "seed=range(8)"]))
         jobs = ["optim.optimizer.lr=1e-3,2e-3,3e-3,5e-3", f"trainer.epochs={train_epochs}"]
         for r in range(rounds):
             serial.append(run_sweep(tmp / f"serial{r}", jobs))
@@ -399,7 +399,7 @@ def load_child(method: str, ckpt: str, conf_dir: str, run_dir: str, out: str, wi
     start = time.perf_counter()
     if method == "finetune":
         sys.argv = ["finetune", "--config-dir", conf_dir, "model=load_bench", "checkpoint=load_bench",
-                    f"checkpoint.path={ckpt}", "dry_run=true", f"hydra.run.dir={run_dir}", "trainer.progress=false"]
+                    f"checkpoint.path={ckpt}", "dry_run=true", "dry_run_batches=0", f"hydra.run.dir={run_dir}", "trainer.progress=false"]
         with timed_functions([(finetune.run, "run")], stages):  # run(): build, read, load, policy, reports
             try:
                 finetune.commands.finetune.main()

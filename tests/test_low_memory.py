@@ -96,14 +96,14 @@ from finetune.run import run
 conf, ckpt, run_dir = sys.argv[1:4]
 with initialize_config_dir(config_dir=finetune.paths.config_dir(), version_base="1.3"):
     cfg = compose("config", overrides=[f"hydra.searchpath=[file://{conf}]", "model=tiny", "data=tiny", "checkpoint=tiny",
-                                       f"checkpoint.path={ckpt}", "checkpoint.low_memory=true", "dry_run=true"])
+                                       f"checkpoint.path={ckpt}", "checkpoint.low_memory=true", "dry_run=true", "dry_run_batches=0"])
 run(cfg, Path(run_dir))
 print(json.dumps({name: name in sys.modules for name in ("torch._dynamo", "sympy")}))
 """
 
 
 def test_low_memory_dry_run_stays_light(tiny_ckpts, tmp_path, cli_env):
-    """What makes a dry run on a large checkpoint cheap: no optimizer (building one imports torch._dynamo)
+    """What makes a load-only dry run (dry_run_batches=0) on a large checkpoint cheap: no optimizer (building one imports torch._dynamo)
     and no torch.empty_like on meta tensors (its reference implementation imports sympy)."""
     import json
     import subprocess

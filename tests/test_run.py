@@ -170,9 +170,28 @@ def test_dry_run_writes_reports_only(tiny_cfg, tmp_path):
     assert summary["status"] == "dry_run" == read_json(run_dir / "summary.json")["status"]
     assert summary["steps"] == 0
     assert read_json(run_dir / "load_report.json")["counts"]["missing"] == 4
-    assert read_json(run_dir / "trainability.json")["audit"]["checked"] is False
+    audit = read_json(run_dir / "trainability.json")["audit"]
+    assert audit["checked"] is True and audit["grad_flow_ok"] is True  # one batch forward and backward
     for name in ["model.safetensors", "checkpoints", "metrics.csv"]:
         assert not (run_dir / name).exists(), name
+
+
+def test_dry_run_batches_0_loads_only_and_reads_no_data(tiny_cfg, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = tiny_cfg("dry_run=true", "dry_run_batches=0", "data.train._target_=no.such.dataset")
+    assert run(cfg, run_dir)["status"] == "dry_run"
+    assert read_json(run_dir / "trainability.json")["audit"]["checked"] is False
+
+
+def test_dry_run_finds_a_module_that_forward_never_calls(tiny_cfg, tmp_path):
+    from finetune.errors import AuditError
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(AuditError, match="unused"):
+        run(tiny_cfg("dry_run=true", "model=tiny_unused", ckpt=None), run_dir)
+    audit = read_json(run_dir / "trainability.json")["audit"]
+    assert audit["grad_flow_ok"] is False and any(n.startswith("unused.") for n in audit["no_grad"])
+    assert not (run_dir / "model.safetensors").exists()
 
 
 def test_from_scratch_has_no_load_report(tiny_cfg, tmp_path):

@@ -243,3 +243,22 @@ def test_training_that_ends_before_the_recheck_warns_without_failing(tiny_cfg, t
     assert "training ended after 2 optimizer step(s), before the 5-step re-check" in caplog.text
     audit = read_json(run_dir / "trainability.json")["audit"]
     assert audit["grad_flow_ok"] is None and audit["zero_grad_pending"] == ["dead.weight", "dead.bias"]
+
+
+@pytest.mark.slow
+def test_under_ddp_every_rank_takes_the_same_decision(tiny_cfg, tmp_path):
+    """The re-check reads the all-reduced gradients: two ranks settle the zero-gated branch at the
+    same step (and end in sync), and fail a path that never opens at the same step."""
+    from finetune.errors import FinetuneError
+    from finetune.run import run
+
+    ddp = ["data.batch_size=8", "trainer.nproc=2", "trainer.epochs=1", "trainer.tensorboard=false"]
+    summary = run(tiny_cfg("model=tiny_gated", *ddp, ckpt=None), tmp_path / "gated")
+    assert summary["status"] == "completed" and summary["ranks_in_sync"] is True
+    audit = read_json(tmp_path / "gated" / "trainability.json")["audit"]
+    assert audit["grad_flow_ok"] is True and audit["zero_grad_cleared_at"] == {name: 2 for name in BRANCH}
+
+    with pytest.raises(FinetuneError, match="present but exactly zero"):
+        run(tiny_cfg("model=tiny_dead", *ddp, "trainer.epochs=2", ckpt=None), tmp_path / "dead")  # 8 steps planned
+    audit = read_json(tmp_path / "dead" / "trainability.json")["audit"]
+    assert audit["grad_flow_ok"] is False and audit["zero_grad_checked_to"] == ZERO_GRAD_STEPS

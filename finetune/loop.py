@@ -1,6 +1,7 @@
 """`fit(session, stop)`: train step, optimizer step, evaluate, checkpoint — top to bottom.
 
-No host sync in the step (no `.item()`), except at log intervals and on the first step's audit.
+No host sync in the step (no `.item()`), except at log intervals, on the first step's audit and
+on its re-check of exactly-zero gradients (steps 2..audit.ZERO_GRAD_STEPS, only while some remain).
 Under DDP every rank runs this same loop in lockstep: forwards go through the DDP wrapper
 (`net`), everything else (audit, checksums, state_dict, evaluation) uses the bare `model`, and
 every decision that changes the control flow (stop, non-finite loss, best epoch) is taken on
@@ -18,8 +19,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from finetune.audit import audit_gradients
+from finetune.audit import audit_gradients, recheck_zero_gradients, report_unsettled
 from finetune.config import Precision
+from finetune.console import tables
 from finetune.console.progress import format_metrics, progress_bar
 from finetune.distributed import SINGLE, StopVote, World
 from finetune.errors import TrainingError
@@ -113,6 +115,7 @@ def fit(s: Session, stop: StopRequest) -> str:
             mark = time.perf_counter()
             if vote.settle(stop.received is not None):
                 return "interrupted"
+        report_unsettled(s.audit, p.step)  # ended before the re-check of exactly-zero gradients could settle
         return "completed"
     finally:
         vote.close()
@@ -143,7 +146,9 @@ def train_step(s: Session, net: nn.Module, batch, closes_step: bool) -> tuple[to
 
 
 def optimizer_step(s: Session) -> None:
-    """Unscale, audit the first step's gradients, clip, step, zero, advance the schedule."""
+    """Unscale, audit the first step's gradients (and re-check the exactly-zero ones on the next
+    steps), clip, step, zero, advance the schedule. The audit reads the bare model's gradients after
+    the DDP all-reduce: every rank takes the same decision at the same step."""
     t, p = s.trainer, s.progress
     s.scaler.unscale_(s.optimizer)
     if not p.audit_done:
@@ -151,6 +156,10 @@ def optimizer_step(s: Session) -> None:
         p.audit_done = True
         if s.world.is_main:
             write_trainability(s.run_dir, s.plan, s.audit)  # the audit's answer, as soon as it is known
+    elif s.audit.zero_grad_pending and recheck_zero_gradients(s.model, s.audit, p.step + 1):
+        if s.world.is_main:
+            tables.show(tables.format_zero_grad_settled(s.audit))
+            write_trainability(s.run_dir, s.plan, s.audit)  # the re-check's answer
     if t.clip_grad_norm:
         torch.nn.utils.clip_grad_norm_(s.model.parameters(), t.clip_grad_norm)
     s.scaler.step(s.optimizer)

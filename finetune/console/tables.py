@@ -184,6 +184,16 @@ def format_trainability(plan: TrainPlan) -> str:
     return "\n".join(lines)
 
 
+def format_zero_grad_settled(audit) -> str:
+    """The gradient audit's re-check, once every exactly-zero gradient of step 1 has turned
+    non-zero (audit.GradAudit): one line, the tensors grouped by module."""
+    cleared = audit.zero_grad_cleared_at
+    by = max(cleared.values(), default=audit.zero_grad_checked_to)
+    groups = ", ".join(group_keys(cleared))
+    return (f"gradient audit: {len(cleared)} trainable tensor{'s' if len(cleared) != 1 else ''} exactly zero on step 1, "
+            f"non-zero by step {by} (zero-initialised paths that opened): {groups}")
+
+
 def format_tensor_listing(path: str, fmt: str, infos: Sequence) -> str:
     """A checkpoint's tensors (inspection.TensorInfo: name, shape, dtype, numel, bytes) by prefix."""
     by_name = {i.name: i for i in infos}

@@ -37,6 +37,65 @@ class TinyNetUnused(TinyNet):
         self.unused = nn.Linear(hidden, hidden)
 
 
+class LowRank(nn.Module):
+    """LoRA-like: base(x) + x @ A^T @ B^T with B zero-initialised (the output is base's at the start),
+    so A gets an exactly-zero gradient on step 1, and a non-zero one once B has moved."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int = 2):
+        super().__init__()
+        self.base = nn.Linear(in_features, out_features)
+        self.lora_a = nn.Parameter(torch.randn(rank, in_features) / rank)
+        self.lora_b = nn.Parameter(torch.zeros(out_features, rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + x @ self.lora_a.T @ self.lora_b.T
+
+
+class TinyNetLowRank(TinyNet):
+    """TinyNet whose layer2 Linear is a LowRank (zero-initialised B)."""
+
+    def __init__(self, in_features: int = IN_FEATURES, hidden: int = HIDDEN, num_classes: int = CLASSES_B):
+        super().__init__(in_features, hidden, num_classes)
+        self.layer2[0] = LowRank(hidden, hidden)
+
+
+class GatedBranch(nn.Module):
+    """`x + gate * branch(x)` with `gate` a zero-initialised scalar Parameter (ReZero, LayerScale at 0)."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.branch = nn.Sequential(nn.Linear(features, features), nn.ReLU(), nn.Linear(features, features))
+        self.gate = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.gate * self.branch(x)
+
+
+class TinyNetGated(TinyNet):
+    """TinyNet with a zero-gated residual branch after layer2."""
+
+    def __init__(self, in_features: int = IN_FEATURES, hidden: int = HIDDEN, num_classes: int = CLASSES_B):
+        super().__init__(in_features, hidden, num_classes)
+        self.gated = GatedBranch(hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.gated(self.layer2(self.layer1(x))))
+
+
+class TinyNetDeadBranch(TinyNet):
+    """TinyNet with a branch multiplied by a constant zero buffer: its gradient is present but exactly
+    zero on every step (a path that never opens)."""
+
+    def __init__(self, in_features: int = IN_FEATURES, hidden: int = HIDDEN, num_classes: int = CLASSES_B):
+        super().__init__(in_features, hidden, num_classes)
+        self.dead = nn.Linear(hidden, hidden)
+        self.register_buffer("off", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.layer2(self.layer1(x))
+        return self.head(h + self.off * self.dead(h))
+
+
 class TinyNetRaising(TinyNet):
     """TinyNet whose forward raises in training mode: a bug in a user's model, not a config error."""
 

@@ -195,7 +195,7 @@ def dry_run_pass(cfg, model: nn.Module, audit) -> int:
             break
     if done == 0:
         raise TrainingError("the dry run found no training batch: data.train is empty.", "check data.train")
-    audit_gradients(model, list(cfg.policy.allow_no_grad), audit)
+    audit_gradients(model, list(cfg.policy.allow_no_grad), audit, dry_run=True)
     model.zero_grad(set_to_none=True)
     return done
 

@@ -79,7 +79,7 @@ class _Inserted:
             raise WiringError(
                 f"{self.edit.rule}: the new module '{self.edit.name}' ({self.edit.module_type}) failed on the "
                 f"{where} of '{self.edit.at}', shape {_shape(value)}: {type(exc).__name__}: {first}",
-                f"give the module the sizes of '{self.edit.at}'s {where} (e.g. its channels / features), "
+                f"give the module the sizes of the {where} of '{self.edit.at}' (its channels / features), "
                 "or insert it somewhere else",
             ) from exc
 

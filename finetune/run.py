@@ -73,30 +73,27 @@ def run(cfg: DictConfig, run_dir: Path, world: World | None = None, started: flo
     apply_plan(model, plan)
     tables.show(tables.format_trainability(plan))
     audit = GradAudit()
+    if cfg.dry_run and cfg.dry_run_batches != 0:
+        dry_run_batches(cfg, model, audit)  # before any report is written: a failure leaves the directory as it was
     if world.is_main:
         if report is not None:
             write_json(run_dir / LOAD_REPORT, report.to_json())
         write_trainability(run_dir, plan, audit)
 
     if cfg.dry_run:
-        if cfg.dry_run_batches > 0:
-            dry_run_batches(cfg, run_dir, model, plan, audit)
         summary = Summary("dry_run", wall_s=time.perf_counter() - started, world_size=world.size)
         return summary.write(run_dir) if world.is_main else summary.to_json()
     return train(cfg, run_dir, model, plan, audit, resume_from, started, lr, weight_decay, world)
 
 
-def dry_run_batches(cfg, run_dir: Path, model, plan, audit: GradAudit) -> None:
-    """The dry run's forward/backward pass; trainability.json records the audit's answer either way."""
+def dry_run_batches(cfg, model, audit: GradAudit) -> None:
+    """The dry run's forward/backward pass: wiring errors and the gradient audit's answer."""
     from finetune.loop import dry_run_pass
 
     if cfg.dry_run_batches < 0:
         raise ConfigError(f"dry_run_batches={cfg.dry_run_batches} is negative.", "use 0 (load only) or a number of batches, e.g. 1")
-    try:
-        done = dry_run_pass(cfg, model, audit)
-    finally:
-        write_trainability(run_dir, plan, audit)
-    log.info("dry run: %d training batch(es) forward and backward, no optimizer step: the gradient audit passed", done)
+    done = dry_run_pass(cfg, model, audit)
+    log.info("dry run: %d training batch(es) forward and backward, no optimizer step, nothing saved", done)
 
 
 def run_as_rank(world: World, cfg: DictConfig, run_dir: Path, started: float) -> dict:

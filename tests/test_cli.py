@@ -120,6 +120,8 @@ ERRORS = {
     "index-names-missing-shard": ([], "index", "model-00002-of-00002.safetensors"),
     "invalid-regex": (["checkpoint.remap=[{pattern: 'layer[0-9', replace: ''}]"], None, "is not a valid regular expression"),
     "unknown-select": (["checkpoint.select=modle"], "nested", "no entry 'modle'"),
+    "adapter-does-not-fit": (["dry_run=true", "model.add.1.module.channels=16"], None,
+                             "model.add[1] (after layer2): the new module 'adapter2' (Adapter) failed on the output of 'layer2', shape [16, 32, 16, 16]"),
 }
 
 # Files of an earlier dry run in the same run directory: a failed run must leave them as they were.

@@ -189,9 +189,7 @@ def test_dry_run_finds_a_module_that_forward_never_calls(tiny_cfg, tmp_path):
     run_dir = tmp_path / "run"
     with pytest.raises(AuditError, match="unused"):
         run(tiny_cfg("dry_run=true", "model=tiny_unused", ckpt=None), run_dir)
-    audit = read_json(run_dir / "trainability.json")["audit"]
-    assert audit["grad_flow_ok"] is False and any(n.startswith("unused.") for n in audit["no_grad"])
-    assert not (run_dir / "model.safetensors").exists()
+    assert not run_dir.exists() or not any(run_dir.iterdir())  # nothing written that could pass for a result
 
 
 def test_from_scratch_has_no_load_report(tiny_cfg, tmp_path):

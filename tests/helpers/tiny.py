@@ -242,3 +242,16 @@ def ddp_collectives(world) -> list[dict]:
     found["any"] = world.any(world.rank == 1)
     found["sum"] = world.sum_(torch.tensor([float(world.rank + 1)])).item()
     return world.gather(found)
+
+
+class CountCalls(nn.Module):
+    """An identity with a learnable scale that counts its forward calls (tests of model.add wiring)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x * self.scale

@@ -1,14 +1,22 @@
 """The train policy: which parameters train, in which optimizer group, at which lr and weight decay.
 
-Precedence for each parameter: `policy.train` globs > `policy.new` (for parameters the checkpoint
-did not provide) > `policy.freeze` globs > trainable. A glob matches a parameter name
-(`layer1.0.conv.weight`) or a module prefix (`layer1` matches everything under it).
+Whether a parameter trains: `policy.train` globs > frozen by the model (requires_grad=False as
+built) > `policy.new` (for parameters the checkpoint did not provide) > `policy.freeze` globs >
+trainable. A glob matches a parameter name or a module prefix (finetune.matching).
+
+Its optimizer group, where `policy.groups` overlap: the narrowest glob wins, the one that matches
+the fewest parameters (`blocks.11` beats `blocks`); two groups that tie are an error. A new
+parameter (not from the checkpoint) takes `policy.new_lr_mult`, unless a group names it with a
+glob that matches new parameters only (`head`): a new adapter inside `blocks` is not the blocks'.
+Every group that lost parameters is reported. Biases, norm weights and what the model's `no_weight_decay()` names get no decay.
 """
 
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from typing import Sequence
+
 import torch
 from torch import nn
 
@@ -29,6 +37,17 @@ class ParamPlan:
     lr: float | None
     weight_decay: float | None
     group: str | None
+    frozen_by: str | None = None  # model (requires_grad=False as built) | policy.freeze | policy.new
+
+
+@dataclass
+class Overlap:
+    """Parameters that two claims (policy.groups entries, or policy.new) both matched: `winner`
+    (the narrowest glob) took them from `loser`."""
+
+    winner: str
+    loser: str
+    params: list[str]
 
 
 @dataclass
@@ -44,6 +63,8 @@ class TrainPlan:
     params: list[ParamPlan]
     groups: list[GroupPlan]
     frozen_norms: list[str] = field(default_factory=list)  # norm modules kept in eval mode
+    overlaps: list[Overlap] = field(default_factory=list)  # how overlapping policy.groups were resolved
+    model_no_weight_decay: list[str] = field(default_factory=list)  # the model's no_weight_decay() names
 
     @property
     def trainable_names(self) -> list[str]:
@@ -92,12 +113,82 @@ def is_no_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim <= 1 or name.endswith(".bias")
 
 
+def model_no_weight_decay(model: nn.Module) -> list[str]:
+    """Names the model itself exempts from weight decay: timm's `no_weight_decay()` convention
+    (`pos_embed`, `cls_token`, ...), asked of every submodule that has one (names prefixed by it)."""
+    globs: list[str] = []
+    for prefix, module in model.named_modules():
+        method = getattr(module, "no_weight_decay", None)
+        if not callable(method):
+            continue
+        try:
+            names = method()
+        except Exception:  # a model's hook is advice: one that fails is skipped, not fatal
+            continue
+        globs.extend(f"{prefix}.{n}" if prefix else str(n) for n in names)
+    return globs
+
+
+@dataclass(frozen=True)
+class _Claim:
+    """A policy.groups entry's (or policy.new's) claim on a parameter, by the narrowest of its
+    globs that matched it."""
+
+    label: str  # groups[0] | new
+    index: int | None  # policy.groups index, None for policy.new
+    size: int  # how many parameters that glob matches: the smaller, the more specific
+    only_new: bool = True  # that glob matches new parameters only (it is about them)
+
+
+def _group_claims(names: Sequence[str], policy, new_names: set[str]) -> dict[str, list[_Claim]]:
+    claims: dict[str, list[_Claim]] = {}
+    for i, group in enumerate(policy.groups):
+        require_matches(group.params, names, f"policy.groups[{i}].params", error=PolicyError)
+        best: dict[str, _Claim] = {}
+        for glob in group.params:
+            hits = [n for n in names if glob_matches(glob, n)]
+            claim = _Claim(f"groups[{i}]", i, len(hits), all(n in new_names for n in hits))
+            for n in hits:
+                if n not in best or (claim.only_new, -claim.size) > (best[n].only_new, -best[n].size):
+                    best[n] = claim
+        for n, claim in best.items():
+            claims.setdefault(n, []).append(claim)
+    for n in new_names:
+        claims.setdefault(n, []).append(_Claim("new", None, len(new_names)))
+    return claims
+
+
+def _resolve(name: str, claims: list[_Claim]) -> _Claim:
+    """A new parameter goes to a group only through a glob that matches new parameters only (one
+    written for them: `head`, `adapter*`), else to policy.new; otherwise the narrowest glob wins,
+    and two groups that tie are ambiguous."""
+    new = next((c for c in claims if c.index is None), None)
+    groups = [c for c in claims if c.index is not None]
+    if new is not None:
+        groups = [c for c in groups if c.only_new]
+        if not groups:
+            return new
+    narrowest = min(c.size for c in groups)
+    best = [c for c in groups if c.size == narrowest]
+    if len(best) > 1:
+        a, b = best[0], best[1]
+        raise PolicyError(
+            f"policy.{a.label} and policy.{b.label} both claim '{name}' with globs of the same reach ({narrowest} parameters each).",
+            f"make one of them narrower (the narrowest glob wins where groups overlap), or remove '{name}' from one",
+        )
+    return best[0]
+
+
 def plan_training(model: nn.Module, sources: dict[str, str], policy, lr: float, weight_decay: float) -> TrainPlan:
+    """Call on the model as built and loaded, before apply_plan: parameters the model itself
+    created with requires_grad=False (its constructor, or a library such as PEFT) stay frozen
+    unless policy.train names them."""
     params = dict(model.named_parameters())
     names = list(params)
     forced = require_matches(policy.train, names, "policy.train", error=PolicyError)
     frozen = require_matches(policy.freeze, names, "policy.freeze", error=PolicyError)
     require_matches(policy.allow_no_grad, names, "policy.allow_no_grad", error=PolicyError)
+    by_model = {n for n, p in params.items() if not p.requires_grad}
     new_names = {n for n in names if sources.get(n, "checkpoint") != "checkpoint"}
     for i, glob in enumerate(policy.freeze):
         hits = {n for n in names if glob_matches(glob, n)}
@@ -107,44 +198,59 @@ def plan_training(model: nn.Module, sources: dict[str, str], policy, lr: float, 
                 "to freeze new parameters set policy.new=freeze (and list exceptions in policy.train)",
             )
 
-    def trainable(name: str) -> bool:
+    def frozen_by(name: str) -> str | None:
+        """None if it trains, else what froze it."""
         if name in forced:
-            return True
+            return None
+        if name in by_model:
+            return "model"
         if name in new_names:
-            return policy.new is NewParams.train
-        return name not in frozen
+            return None if policy.new is NewParams.train else "policy.new"
+        return "policy.freeze" if name in frozen else None
 
-    group_specs = list(policy.groups)
-    group_members = [require_matches(g.params, names, f"policy.groups[{i}].params", error=PolicyError) for i, g in enumerate(group_specs)]
+    claims = _group_claims(names, policy, new_names)
+    no_decay_globs = model_no_weight_decay(model) if not policy.decay_norm_and_bias else []
     groups: dict[str, GroupPlan] = {}
     plans = []
+    shadowed: dict[tuple[str, str], list[str]] = {}  # (winner, loser) -> parameters
     for name in names:
         param = params[name]
-        train = trainable(name)
-        if train:
-            idx = next((i for i, members in enumerate(group_members) if name in members), None)
-            spec = group_specs[idx] if idx is not None else None
-            base = "default" if idx is None else f"groups[{idx}]"
-            mult = 1.0 if spec is None else float(spec.lr_mult)
-            if spec is None and name in new_names and policy.new_lr_mult != 1:
-                base, mult = "new", float(policy.new_lr_mult)
-            wd = weight_decay if spec is None or spec.weight_decay is None else float(spec.weight_decay)
-            if not policy.decay_norm_and_bias and is_no_decay(name, param):
-                wd, base = 0.0, base + "/no_decay"
-            group_lr = lr * mult
-            groups.setdefault(base, GroupPlan(base, [], group_lr, wd)).params.append(name)
-            plans.append(ParamPlan(name, list(param.shape), param.numel(), sources.get(name, "checkpoint"), True, group_lr, wd, base))
+        source = sources.get(name, "checkpoint")
+        why = frozen_by(name)
+        if why is not None:
+            plans.append(ParamPlan(name, list(param.shape), param.numel(), source, False, None, None, None, why))
+            continue
+        mine = claims.get(name, [])
+        claim = _resolve(name, mine) if mine else None
+        for other in mine:
+            if other is not claim and claim is not None and other.index is not None:  # a group lost them
+                shadowed.setdefault((claim.label, other.label), []).append(name)
+        spec = policy.groups[claim.index] if claim is not None and claim.index is not None else None
+        if spec is not None:
+            base, mult = claim.label, float(spec.lr_mult)
+        elif claim is not None and policy.new_lr_mult != 1:  # policy.new's claim
+            base, mult = "new", float(policy.new_lr_mult)
         else:
-            plans.append(ParamPlan(name, list(param.shape), param.numel(), sources.get(name, "checkpoint"), False, None, None, None))
+            base, mult = "default", 1.0
+        wd = weight_decay if spec is None or spec.weight_decay is None else float(spec.weight_decay)
+        if not policy.decay_norm_and_bias and (is_no_decay(name, param) or any(glob_matches(g, name) for g in no_decay_globs)):
+            wd, base = 0.0, base + "/no_decay"
+        group_lr = lr * mult
+        groups.setdefault(base, GroupPlan(base, [], group_lr, wd)).params.append(name)
+        plans.append(ParamPlan(name, list(param.shape), param.numel(), source, True, group_lr, wd, base))
 
     if not any(p.trainable for p in plans):
+        held = sum(1 for p in plans if p.frozen_by == "model")
         raise PolicyError(
-            "nothing is trainable: every parameter is frozen by the policy.",
-            "narrow policy.freeze, add globs to policy.train, or set policy.new=train",
+            "nothing is trainable: every parameter is frozen"
+            + (f" ({held} tensors frozen by the model itself, requires_grad=False as built)." if held else " by the policy."),
+            "name what should train in policy.train (it wins over the model's own freezing), narrow policy.freeze, "
+            "or set policy.new=train",
         )
-    stuck = [p.name for p in plans if p.source != "checkpoint" and not p.trainable and policy.new is NewParams.train]
+    stuck = [p.name for p in plans if p.source != "checkpoint" and p.frozen_by == "policy.freeze" and policy.new is NewParams.train]
     if stuck:
         raise PolicyError(f"new parameters would stay frozen although policy.new=train: {stuck[:8]}", "check policy.freeze")
+    overlaps = [Overlap(winner, loser, members) for (winner, loser), members in shadowed.items()]
 
     frozen_norms = []
     if policy.bn is NormMode.freeze_stats:
@@ -153,7 +259,7 @@ def plan_training(model: nn.Module, sources: dict[str, str], policy, lr: float, 
             own = [f"{mod_name}.{n}" if mod_name else n for n, _ in module.named_parameters(recurse=False)]
             if isinstance(module, _NORM_TYPES) and own and not any(n in trainable_set for n in own):
                 frozen_norms.append(mod_name)
-    return TrainPlan(plans, list(groups.values()), frozen_norms)
+    return TrainPlan(plans, list(groups.values()), frozen_norms, overlaps, no_decay_globs)
 
 
 def _keep_eval(module: nn.Module, _inputs) -> None:

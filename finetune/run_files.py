@@ -79,6 +79,8 @@ def trainability_json(plan, audit) -> dict:
         "totals": plan.totals(),
         "groups": [asdict(g) for g in plan.groups],
         "frozen_norms": plan.frozen_norms,
+        "group_overlaps": [asdict(o) for o in plan.overlaps],  # policy.groups that lost parameters to a narrower glob
+        "model_no_weight_decay": plan.model_no_weight_decay,
         "audit": audit.to_json(),
     }
 

@@ -132,17 +132,66 @@ def test_decay_norm_and_bias_true_decays_everything(model):
 
 def test_groups_lr_mult_and_weight_decay(model):
     p = plan(model, groups=[ParamGroupSpec(params=["head"], lr_mult=10, weight_decay=0.5),
-                            ParamGroupSpec(params=["head", "layer2"], lr_mult=0.1)])
+                            ParamGroupSpec(params=["layer2"], lr_mult=0.1)])
     by = {x.name: x for x in p.params}
     assert by["head.weight"].lr == pytest.approx(10 * LR) and by["head.weight"].weight_decay == 0.5
-    assert by["head.weight"].group == "groups[0]"
-    assert by["head.bias"].lr == pytest.approx(10 * LR) and by["head.bias"].weight_decay == 0.0  # first group wins
+    assert by["head.weight"].group == "groups[0]"  # a group beats policy.new on a tie (head is new)
+    assert by["head.bias"].lr == pytest.approx(10 * LR) and by["head.bias"].weight_decay == 0.0
     assert by["head.bias"].group == "groups[0]/no_decay"
     assert by["layer2.0.weight"].lr == pytest.approx(0.1 * LR) and by["layer2.0.weight"].weight_decay == WD
     assert by["layer1.0.weight"].lr == LR and by["layer1.0.weight"].group == "default"
     groups = {g.name: g for g in p.groups}
     assert set(groups) == {"groups[0]", "groups[0]/no_decay", "groups[1]", "groups[1]/no_decay", "default", "default/no_decay"}
     assert groups["groups[0]"].params == ["head.weight"] and groups["groups[0]"].lr == pytest.approx(10 * LR)
+    assert p.overlaps == []
+
+
+def test_overlapping_groups_the_narrowest_glob_wins_and_is_reported(model):
+    p = plan(model, groups=[ParamGroupSpec(params=["layer1"], lr_mult=0.1), ParamGroupSpec(params=["layer1.1"], lr_mult=2)])
+    by = {x.name: x for x in p.params}
+    assert by["layer1.0.weight"].lr == pytest.approx(0.1 * LR)
+    assert by["layer1.1.weight"].lr == pytest.approx(2 * LR) and by["layer1.1.weight"].group.startswith("groups[1]")
+    assert [(o.winner, o.loser, o.params) for o in p.overlaps] == [("groups[1]", "groups[0]", ["layer1.1.weight", "layer1.1.bias"])]
+
+
+def test_overlapping_groups_of_the_same_reach_are_refused_naming_both(model):
+    with pytest.raises(PolicyError) as info:
+        plan(model, groups=[ParamGroupSpec(params=["head"], lr_mult=10), ParamGroupSpec(params=["head", "layer2"], lr_mult=0.1)])
+    assert "policy.groups[0] and policy.groups[1] both claim 'head.weight'" in info.value.problem
+
+
+def test_a_new_module_inside_a_group_keeps_new_lr_mult(model):
+    """The adapter-inside-`blocks` case: `layer1.1` is new, the group covers all of layer1."""
+    sources = {"layer1.1.weight": "new", "layer1.1.bias": "new"}
+    p = plan(model, sources, new_lr_mult=10, groups=[ParamGroupSpec(params=["layer1"], lr_mult=0.1)])
+    by = {x.name: x for x in p.params}
+    assert by["layer1.0.weight"].lr == pytest.approx(0.1 * LR)
+    assert by["layer1.1.weight"].lr == pytest.approx(10 * LR) and by["layer1.1.weight"].group.startswith("new")
+    assert [(o.winner, o.loser) for o in p.overlaps] == [("new", "groups[0]")]
+
+
+def test_parameters_the_model_froze_stay_frozen_unless_policy_train_names_them(model):
+    model.layer1[0].weight.requires_grad_(False)
+    p = plan(model)
+    by = {x.name: x for x in p.params}
+    assert not by["layer1.0.weight"].trainable and by["layer1.0.weight"].frozen_by == "model"
+    assert by["layer1.0.bias"].trainable and by["layer1.0.bias"].frozen_by is None
+    p = plan(model, train=["layer1.0.weight"])
+    assert next(x for x in p.params if x.name == "layer1.0.weight").trainable
+
+
+def test_a_model_that_froze_everything_says_so(model):
+    for param in model.parameters():
+        param.requires_grad_(False)
+    with pytest.raises(PolicyError, match="frozen by the model itself"):
+        plan(model)
+
+
+def test_the_models_no_weight_decay_names_get_no_decay(model):
+    model.no_weight_decay = lambda: {"layer2.0.weight"}  # timm's convention, as an instance attribute here
+    by = {x.name: x for x in plan(model).params}
+    assert by["layer2.0.weight"].weight_decay == 0.0 and by["layer2.0.weight"].group == "default/no_decay"
+    assert by["layer1.0.weight"].weight_decay == WD
 
 
 def test_new_lr_mult_puts_new_params_in_their_own_group(model):

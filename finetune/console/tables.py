@@ -159,17 +159,22 @@ def format_load_report(report: LoadReport) -> str:
     return "\n".join(lines)
 
 
+FROZEN_BY = {"model": "by the model", "policy.freeze": "policy.freeze", "policy.new": "policy.new"}
+
+
 def format_trainability(plan: TrainPlan) -> str:
     by_name = {p.name: p for p in plan.params}
     rows = []
-    kind = lambda n: f"{by_name[n].trainable}/{by_name[n].source}/{by_name[n].lr}"
+    kind = lambda n: f"{by_name[n].trainable}/{by_name[n].source}/{by_name[n].lr}/{by_name[n].frozen_by}"
     for label, names in group_keys(by_name, kind).items():
         params = [by_name[n] for n in names]
         trainable = sum(p.numel for p in params if p.trainable)
         frozen = sum(p.numel for p in params if not p.trainable)
         sources = sorted({p.source for p in params})
         lrs = sorted({p.lr for p in params if p.lr is not None})
-        rows.append([label, human(trainable + frozen), human(trainable) if trainable else "", human(frozen) if frozen else "",
+        why = sorted({FROZEN_BY[p.frozen_by] for p in params if p.frozen_by})
+        rows.append([label, human(trainable + frozen), human(trainable) if trainable else "",
+                     (human(frozen) + (f" ({', '.join(why)})" if why else "")) if frozen else "",
                      "/".join(sources), ", ".join(f"{lr:.2g}" for lr in lrs) or "-"])
     totals = plan.totals()
     by_source = ", ".join(f"{src}: {human(v['trainable'])} trainable / {human(v['frozen'])} frozen" for src, v in totals["by_source"].items())
@@ -181,6 +186,19 @@ def format_trainability(plan: TrainPlan) -> str:
     ]
     if plan.frozen_norms:
         lines.append(f"  norm layers kept in eval mode (policy.bn=freeze_stats): {len(plan.frozen_norms)}")
+    held = [p for p in plan.params if p.frozen_by == "model"]
+    if held:
+        lines.append(f"  frozen by the model: {len(held)} tensor{'s' if len(held) != 1 else ''} came with requires_grad=False and stay frozen "
+                     f"({', '.join(group_keys({p.name: p for p in held}))}); name them in policy.train to train them")
+    if plan.model_no_weight_decay:
+        lines.append(f"  no weight decay, as the model's no_weight_decay() asks: {', '.join(plan.model_no_weight_decay)}")
+    for overlap in plan.overlaps:
+        what = f"{len(overlap.params)} tensor{'s' if len(overlap.params) != 1 else ''} ({', '.join(group_keys(overlap.params))})"
+        if overlap.winner == "new":
+            lines.append(f"  policy.{overlap.loser} also matches {what} that are new: they take policy.new_lr_mult "
+                         "(a group takes new parameters only through a glob that matches nothing else)")
+        else:
+            lines.append(f"  policy.{overlap.loser} also matches {what} that go to policy.{overlap.winner}: the narrowest glob wins")
     return "\n".join(lines)
 
 

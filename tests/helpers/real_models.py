@@ -134,3 +134,12 @@ def segmentation(n: int = 8, seed: int = 0, size: int = 64, classes: int = 3, ba
     if bad_class is not None:
         masks[:, 4:8, 4:8] = bad_class
     return TensorDataset(x, masks)
+
+
+def peft_lora(model: torch.nn.Module, r: int = 4, target_modules: tuple[str, ...] = ("query", "value"),
+              task_type: str = "SEQ_CLS") -> torch.nn.Module:
+    """`model` wrapped by PEFT's LoRA, as a user builds it (`get_peft_model`): PEFT freezes every base
+    parameter (requires_grad=False) and leaves the adapters and the task head trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(target_modules), task_type=task_type))

@@ -96,7 +96,9 @@ class ShapeOverride:
 class ExpectConfig:
     missing: Optional[List[str]] = None  # null: not declared; a list: exactly these may be missing
     unexpected: Optional[List[str]] = None
-    min_loaded: Optional[float] = None  # fraction of the base model's parameters that must load
+    # Fraction of the base model's parameters (not model.add's modules) that must load: below it the keys
+    # do not line up and the run would train from scratch. 0 or null: no check.
+    min_loaded: Optional[float] = 0.1
 
 
 @dataclass

@@ -8,10 +8,13 @@ class FinetuneError(Exception):
 
     exit_code = 2
 
-    def __init__(self, problem: str, fix: str | None = None):
+    def __init__(self, problem: str, fix: str | None = None, group: str | None = None):
         super().__init__(problem)
         self.problem = problem
         self.fix = fix
+        # The config group whose declaration the error is about (`checkpoint`, `policy`, `model`):
+        # the command names where that group's values came from (its option, file and overrides).
+        self.group = group
 
     def __str__(self) -> str:
         return self.problem if not self.fix else f"{self.problem}\n  fix: {self.fix}"

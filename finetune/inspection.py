@@ -20,27 +20,19 @@ class TensorInfo:
     bytes: int
 
 
-_SAFETENSORS_DTYPES = {
-    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
-    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
-    "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
-}
-
-
 def list_tensors(path: str, fmt: str = "auto", select: str = "auto") -> tuple[str, list[TensorInfo]]:
-    from finetune.checkpoint.read import read_checkpoint, safetensors_header, sniff_format
+    from finetune.checkpoint.read import SAFETENSORS_DTYPES, read_checkpoint, safetensors_header, sniff_format
 
     target = Path(path).expanduser()
     if target.is_file() and not target.name.endswith(".index.json") and sniff_format(target) == "safetensors":
-        header, _ = safetensors_header(target)  # the header alone: no tensor data is read
+        header, _ = safetensors_header(target)  # the header alone, validated: no tensor data is read
         infos = []
         for key, entry in header.items():
             if key == "__metadata__":
                 continue
-            shape = list(entry["shape"])
-            numel = math.prod(shape)
-            name, itemsize = _SAFETENSORS_DTYPES.get(entry["dtype"], (str(entry["dtype"]).lower(), 0))
-            infos.append(TensorInfo(key, shape, name, numel, numel * itemsize))
+            dtype = str(SAFETENSORS_DTYPES[entry["dtype"]]).removeprefix("torch.")
+            start, end = entry["data_offsets"]  # validated: exactly numel × itemsize bytes
+            infos.append(TensorInfo(key, list(entry["shape"]), dtype, math.prod(entry["shape"]), end - start))
         return "safetensors", infos
     contents = read_checkpoint(path, fmt, select)
     return contents.format, [
@@ -53,8 +45,8 @@ def match_report(path: str, overrides: list[str], config_dirs: list[str] = ()):
     """Build the configured model and load the checkpoint into it: the same code path as a run."""
     from finetune.checkpoint.load import load_checkpoint
     from finetune.compose import as_search_path_entry, compose_config
-    from finetune.model import base_param_names, build_model
+    from finetune.model import build_model
 
     cfg = compose_config([*overrides, f"checkpoint.path={path}"], [as_search_path_entry(d) for d in config_dirs])
     model, edits = build_model(cfg.model)
-    return load_checkpoint(model, cfg.checkpoint, base_param_names(model, edits))
+    return load_checkpoint(model, cfg.checkpoint, edits)

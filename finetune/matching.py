@@ -63,6 +63,7 @@ def require_matches(globs: Iterable[str], names: Sequence[str], where: str, what
                 f"{where}: glob {glob!r} matches no {what}.",
                 no_match_hint(glob, names, what)
                 + " (globs are fnmatch over dotted names; 'layer1' also covers everything under it, 'layer1.*')",
+                group=where.split(".", 1)[0],
             )
         matched |= hits
     return matched

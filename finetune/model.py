@@ -32,6 +32,9 @@ CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 class WiringError(ConfigError):
     """An added module does not fit where model.add put it (found on the first forward pass)."""
 
+    def __init__(self, problem: str, fix: str | None = None, group: str | None = "model"):
+        super().__init__(problem, fix, group)
+
 
 @dataclass(frozen=True)
 class AppliedEdit:
@@ -140,7 +143,7 @@ def _check_at(model: nn.Module, dotted: str, index: int) -> None:
         close = closest_names(dotted, names)
         hint = (f"closest module names: {', '.join(close)}" if close
                 else f"top-level modules: {', '.join(n for n in names if '.' not in n)}")
-        raise ConfigError(f"model.add[{index}]: no submodule named '{dotted}' in the model.", hint)
+        raise ConfigError(f"model.add[{index}]: no submodule named '{dotted}' in the model.", hint, group="model")
 
 
 def _home(model: nn.Module, at: str) -> str:
@@ -174,6 +177,7 @@ def _apply_edit(model: nn.Module, edit, index: int) -> AppliedEdit:
             raise ConfigError(
                 f"model.add[{index}]: `replace` keeps the name '{leaf}', so `name: {edit.name}` cannot apply.",
                 "drop `name` from a replace edit",
+                group="model",
             )
         model.get_submodule(parent_name)._modules[leaf] = new_module
         return AppliedEdit(op.value, edit.at, edit.at, type(new_module).__name__, index)
@@ -182,6 +186,7 @@ def _apply_edit(model: nn.Module, edit, index: int) -> AppliedEdit:
         raise ConfigError(
             f"model.add[{index}]: `{op.value}` needs a `name` (one identifier) for the new module.",
             f"e.g. {{op: {op.value}, at: {edit.at}, name: adapter1, module: ...}}",
+            group="model",
         )
     home_name = _home(model, edit.at)
     home = model.get_submodule(home_name)
@@ -190,6 +195,7 @@ def _apply_edit(model: nn.Module, edit, index: int) -> AppliedEdit:
         raise ConfigError(
             f"model.add[{index}]: '{full_name}' already exists in the model.",
             "choose a `name` that the model does not use",
+            group="model",
         )
     home.add_module(edit.name, new_module)
     applied = AppliedEdit(op.value, edit.at, full_name, type(new_module).__name__, index)

@@ -20,7 +20,7 @@ from finetune.checkpoint.load import NeedsNormalBuild, check_expectations, load_
 from finetune.config import SavedWeights, check_no_additions
 from finetune.distributed import World, current_world, spawn
 from finetune.errors import ConfigError, TrainingError
-from finetune.model import base_param_names, build_model, pick_device
+from finetune.model import build_model, pick_device
 from finetune.policy import apply_plan, optimizer_defaults, plan_training
 from finetune.run_files import LOAD_REPORT, Summary, check_dry_run_dir, check_run_dir, write_trainability
 from finetune.session import seed_everything
@@ -58,9 +58,9 @@ def run(cfg: DictConfig, run_dir: Path, world: World | None = None, started: flo
     if cfg.checkpoint.path:
         if report is None:
             # Several ranks memory-map the file (shared page cache) rather than each reading a copy.
-            report = load_checkpoint(model, cfg.checkpoint, base_param_names(model, edits), mmap=world.is_distributed)
+            report = load_checkpoint(model, cfg.checkpoint, edits, mmap=world.is_distributed)
         try:
-            check_expectations(report, cfg.checkpoint.expect, model, base_param_names(model, edits))
+            check_expectations(report, cfg.checkpoint.expect, model, edits)
         finally:
             tables.show(tables.format_load_report(report))
         sources = report.sources()
@@ -127,7 +127,7 @@ def build_and_load_low_memory(cfg):
     try:
         with torch.device("meta"):
             model, edits = build_model(cfg.model)
-        report = load_checkpoint(model, cfg.checkpoint, base_param_names(model, edits), low_memory=True)
+        report = load_checkpoint(model, cfg.checkpoint, edits, low_memory=True)
         return model, edits, report
     except NeedsNormalBuild as exc:
         reason = str(exc)

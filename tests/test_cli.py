@@ -106,7 +106,9 @@ ERRORS = {
     "unknown-override": (["trainer.epochz=3"], None, "trainer.epochz"),
     "remap-matches-nothing": (["checkpoint.remap=[{pattern: '^backbone\\.', replace: ''}]"], None, "matches no checkpoint key"),
     "freeze-matches-nothing": (["policy.freeze=[layer9]"], None, "glob 'layer9' matches no parameter"),
-    "shape-mismatch-error": (["checkpoint.on_shape_mismatch=error"], None, "do not fit the model's shapes"),
+    # a 4-class base: fc differs from the checkpoint's 8 classes with no replace op declaring it
+    "shape-mismatch-error": (["model=demo_base", "model.base.num_classes=4", "checkpoint.on_shape_mismatch=error"], None,
+                             "do not fit the model's shapes"),
     "shape-override-matches-nothing": (["checkpoint.shape_overrides=[{keys: 'head.*', action: skip}]"], None,
                                        "checkpoint.shape_overrides[0].keys: glob 'head.*' matches no model key"),
     "wrong-type": (["trainer.epochs=abc"], None, "trainer.epochs"),
@@ -154,6 +156,33 @@ def test_user_error_exits_with_one_message_and_no_traceback(cli, tmp_path, bad_i
     assert not (run_dir / "checkpoints").exists()
     assert not (run_dir / "metrics.csv").exists()
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_declaration_errors_name_where_the_declaration_came_from(cli, tmp_path):
+    result = finetune(cli, tmp_path / "run", "dry_run=true", "checkpoint.expect.missing=[adapter9]")
+    assert result.returncode == 2, output(result)
+    assert "checkpoint.expect.missing: glob 'adapter9' matches no model key" in result.stderr
+    origin = next(line for line in result.stderr.splitlines() if line.startswith("  declared in: "))
+    assert "checkpoint=demo (" in origin and "checkpoint/demo.yaml)" in origin
+    assert origin.endswith("the command line's checkpoint.expect.missing=[adapter9]")
+    result = finetune(cli, tmp_path / "run2", "dry_run=true", "policy.freeze=[layer9]")
+    assert "  declared in: policy=default (" in result.stderr and "policy.freeze=[layer9]" in result.stderr
+
+
+def test_the_demo_checkpoint_config_does_not_leak_into_a_users_model(cli, tmp_path, tiny_ckpts):
+    """`finetune model=mine checkpoint.path=mine.pth` keeps the default checkpoint group (the demo's):
+    nothing of the demo's own model may be declared there."""
+    from conftest import TEST_CONF
+
+    run_dir = tmp_path / "run"
+    result = finetune(cli, run_dir, "--config-dir", str(TEST_CONF), "model=tiny", "data=tiny",
+                      f"checkpoint.path={tiny_ckpts.safetensors_module}", "dry_run=true")
+    assert result.returncode == 0, output(result)
+    report = read_json(run_dir / "load_report.json")
+    assert report["unwrapped"] == ["module."] and report["unexpected"] == [] and report["warnings"] == []
+    assert {m["key"]: m["rule"] for m in report["mismatched"]} == {"head.weight": "model.add[0] (replace head)",
+                                                                   "head.bias": "model.add[0] (replace head)"}
+    assert set(report["declared"].values()) == {"model.add[1] (after layer1)"} and len(report["declared"]) == 4
 
 
 def test_full_error_shows_the_traceback(cli, cli_env, tmp_path):

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from finetune.checkpoint.load import check_expectations, load_checkpoint
 from finetune.errors import CheckpointError, ConfigError
-from finetune.model import base_param_names, build_model
+from finetune.model import build_model
 
 ADAPTER = ["adapter1.down.weight", "adapter1.down.bias", "adapter1.up.weight", "adapter1.up.bias"]
 HEAD = ["head.weight", "head.bias"]
@@ -19,14 +19,20 @@ def fresh_model(cfg):
     return build_model(cfg.model)
 
 
-def load(compose, ckpt, *overrides, check=True):
-    """Build model B (tiny) and load `ckpt` as a run does; returns (cfg, model, report)."""
-    cfg = compose(["model=tiny", "checkpoint=tiny", f"checkpoint.path={ckpt}", *overrides])
+def load(compose, ckpt, *overrides, check=True, model="tiny"):
+    """Build model B (tiny) and load `ckpt` as a run does; returns (cfg, model, report).
+    `model=tiny_classes`: the head's shape differs with no replace op declaring it (the shape policy decides)."""
+    cfg = compose([f"model={model}", "checkpoint=tiny", f"checkpoint.path={ckpt}", *overrides])
     model, edits = fresh_model(cfg)
-    report = load_checkpoint(model, cfg.checkpoint, base_param_names(model, edits))
+    report = load_checkpoint(model, cfg.checkpoint, edits)
     if check:
-        check_expectations(report, cfg.checkpoint.expect, model, base_param_names(model, edits))
+        check_expectations(report, cfg.checkpoint.expect, model, edits)
     return cfg, model, report
+
+
+def load_classes(compose, ckpt, *overrides, check=True):
+    """As `load`, into model=tiny_classes: a head of another size with no replace op declaring it."""
+    return load(compose, ckpt, *overrides, check=check, model="tiny_classes")
 
 
 def save(tmp_path, name: str, tensors: dict) -> str:
@@ -80,20 +86,94 @@ def test_module_prefix_with_remap_rule_instead_of_unwrap(compose, tiny_ckpts):
 
 def test_module_prefix_without_unwrap_loads_nothing_and_suggests_the_rule(compose, tiny_ckpts):
     cfg, model, report = load(compose, tiny_ckpts.safetensors_module, "checkpoint.auto_unwrap=false",
-                              "checkpoint.expect.missing=null", "checkpoint.expect.unexpected=null")
+                              "checkpoint.expect.missing=null", "checkpoint.expect.unexpected=null",
+                              "checkpoint.expect.min_loaded=null")
     assert report.loaded == [] and report.mismatched == []
     assert sorted(report.missing) == sorted(model.state_dict())
     assert sorted(report.unexpected) == sorted(f"module.{k}" for k in tiny_ckpts.state_dict)
-    assert report.suggestions and report.suggestions[0].pattern == r"^module\." and report.suggestions[0].replace == ""
+    assert [(s.pattern, s.replace) for s in report.suggestions] == [(r"^module\.", "")]
     assert report.suggestions[0].keys == len(tiny_ckpts.state_dict) - 2  # not the head: its shapes differ
     assert report.warnings  # undeclared differences are reported
 
 
-def test_same_failure_under_declared_expectations_raises(compose, tiny_ckpts):
+def test_loading_almost_nothing_is_an_error_carrying_the_verified_rule(compose, tiny_ckpts):
     with pytest.raises(CheckpointError) as info:
         load(compose, tiny_ckpts.safetensors_module, "checkpoint.auto_unwrap=false")
+    assert "only 0.0% of the base model's parameters loaded" in info.value.problem
+    assert "min_loaded=0.1" in info.value.problem  # the default
+    assert "checkpoint.remap=[{pattern: '^module\\.', replace: ''}]" in info.value.fix
+    assert info.value.group == "checkpoint"
+    # the same rule, applied, loads the base
+    _, _, report = load(compose, tiny_ckpts.safetensors_module, "checkpoint.auto_unwrap=false",
+                        "checkpoint.remap=[{pattern: '^module\\.', replace: ''}]")
+    assert len(report.loaded) == len(tiny_ckpts.state_dict) - 2
+    # declared off: it loads nothing, and says so
+    _, _, report = load(compose, tiny_ckpts.safetensors_module, "checkpoint.auto_unwrap=false",
+                        "checkpoint.expect.min_loaded=0", "checkpoint.expect.missing=null", "checkpoint.expect.unexpected=null")
+    assert report.loaded == []
+
+
+def test_same_failure_under_declared_expectations_raises(compose, tiny_ckpts):
+    with pytest.raises(CheckpointError) as info:
+        load(compose, tiny_ckpts.safetensors_module, "checkpoint.auto_unwrap=false", "checkpoint.expect.min_loaded=null")
     assert "not declared in checkpoint.expect.missing" in info.value.problem
     assert "layer1.0.weight" in info.value.problem
+    assert "{pattern: '^module\\.', replace: ''}" in info.value.fix  # the verified rule
+
+
+# ---- declared by construction: what model.add puts in is declared by its op -----------------
+
+
+def test_a_replace_op_declares_its_mismatched_keys_under_the_error_policy(compose, tiny_ckpts):
+    _, model, report = load(compose, tiny_ckpts.safetensors, "checkpoint.on_shape_mismatch=error")
+    assert_partition(model, report)
+    assert {m.key: (m.action, m.rule) for m in report.mismatched} == {
+        "head.weight": ("skipped", "model.add[0] (replace head)"), "head.bias": ("skipped", "model.add[0] (replace head)")}
+    assert report.to_json()["mismatched"][0]["rule"] == "model.add[0] (replace head)"
+
+
+def test_a_shape_override_naming_the_replaced_keys_wins_over_the_op(compose, tiny_ckpts):
+    _, model, report = load(compose, tiny_ckpts.safetensors, "checkpoint.shape_overrides=[{keys: 'head.*', action: adapt}]")
+    assert {m.key: (m.action, m.rule) for m in report.mismatched} == {
+        "head.weight": ("adapted", "checkpoint.shape_overrides[0]"), "head.bias": ("adapted", "checkpoint.shape_overrides[0]")}
+    assert torch.equal(model.head.weight, tiny_ckpts.state_dict["head.weight"][:3])
+
+
+def test_keys_of_a_module_an_op_created_need_no_expect_entry(compose, tiny_ckpts):
+    _, _, report = load(compose, tiny_ckpts.safetensors, "checkpoint.expect.missing=[]", "checkpoint.on_shape_mismatch=error")
+    assert sorted(report.missing) == sorted(ADAPTER)
+    assert report.declared == {k: "model.add[1] (after layer1)" for k in ADAPTER}
+    assert report.to_json()["declared"] == report.declared
+    # nothing declared in expect and nothing else differs: no warning either
+    _, _, report = load(compose, tiny_ckpts.safetensors, "checkpoint.expect.missing=null", "checkpoint.expect.unexpected=null")
+    assert report.warnings == []
+
+
+def test_other_missing_keys_still_need_a_declaration(compose, tiny_ckpts):
+    with pytest.raises(CheckpointError) as info:
+        load(compose, tiny_ckpts.safetensors, "checkpoint.ignore=['^layer2\\.']", "checkpoint.expect.missing=[]")
+    assert "2 missing key(s) not declared" in info.value.problem and "adapter1" not in info.value.problem
+    _, _, report = load(compose, tiny_ckpts.safetensors, "checkpoint.ignore=['^layer2\\.']",
+                        "checkpoint.expect.missing=null", "checkpoint.expect.unexpected=null")
+    assert len(report.warnings) == 1 and "2 model key(s) missing" in report.warnings[0]
+
+
+def test_a_replaced_module_of_another_structure_declares_new_and_unused_keys(compose, tiny_ckpts):
+    head = ("{op: replace, at: head, module: {_target_: torch.nn.Sequential, _args_: ["
+            "{_target_: torch.nn.Dropout, p: 0.1}, {_target_: torch.nn.Linear, in_features: 16, out_features: 3}]}}")
+    adapter = "{op: after, at: layer1, name: adapter1, module: {_target_: finetune.modules.Adapter, channels: 16, spatial: false}}"
+    _, model, report = load(compose, tiny_ckpts.safetensors, f"model.add=[{head},{adapter}]", "checkpoint.expect.missing=[]",
+                            "checkpoint.expect.unexpected=[]", "checkpoint.on_shape_mismatch=error")
+    assert_partition(model, report)
+    assert sorted(report.unexpected) == sorted(HEAD) and sorted(report.missing) == sorted(ADAPTER + ["head.1.weight", "head.1.bias"])
+    assert {report.declared[k] for k in ["head.weight", "head.bias", "head.1.weight"]} == {"model.add[0] (replace head)"}
+
+
+def test_suggestions_never_fill_a_module_an_op_created(compose, tiny_ckpts, tmp_path):
+    # adapter1.down is Linear(16, 4): a checkpoint key of that shape under another name is not its source
+    renamed = {**tiny_ckpts.state_dict, "proj.weight": torch.zeros(4, 16), "proj.bias": torch.zeros(4)}
+    _, _, report = load(compose, save(tmp_path, "extra.safetensors", renamed), "checkpoint.expect.unexpected=null")
+    assert sorted(report.unexpected) == ["proj.bias", "proj.weight"] and report.suggestions == []
 
 
 # ---- shape policy ----------------------------------------------------------------------------
@@ -101,14 +181,14 @@ def test_same_failure_under_declared_expectations_raises(compose, tiny_ckpts):
 
 def test_shape_mismatch_under_error_raises(compose, tiny_ckpts):
     with pytest.raises(CheckpointError) as info:
-        load(compose, tiny_ckpts.safetensors, "checkpoint.on_shape_mismatch=error")
+        load_classes(compose, tiny_ckpts.safetensors, "checkpoint.on_shape_mismatch=error")
     assert "head.weight: checkpoint [4, 16] vs model [3, 16]" in info.value.problem
     assert "head.bias" in info.value.problem
     assert "on_shape_mismatch=skip" in info.value.fix
 
 
 def test_skip_keeps_constructor_init_and_is_not_missing(compose, tiny_ckpts):
-    cfg, model, report = load(compose, tiny_ckpts.safetensors, "checkpoint.on_shape_mismatch=skip")
+    cfg, model, report = load_classes(compose, tiny_ckpts.safetensors, "checkpoint.on_shape_mismatch=skip")
     reference, _ = fresh_model(cfg)
     for key in HEAD + ADAPTER:  # new parameters: the values a normal build gives
         assert torch.equal(model.state_dict()[key], reference.state_dict()[key]), key
@@ -118,7 +198,7 @@ def test_skip_keeps_constructor_init_and_is_not_missing(compose, tiny_ckpts):
 
 
 def test_adapt_copies_overlap_and_reports_adapted(compose, tiny_ckpts):
-    cfg, model, report = load(compose, tiny_ckpts.safetensors, "checkpoint.on_shape_mismatch=adapt")
+    cfg, model, report = load_classes(compose, tiny_ckpts.safetensors, "checkpoint.on_shape_mismatch=adapt")
     assert_partition(model, report)
     assert {m.key: m.action for m in report.mismatched} == {"head.weight": "adapted", "head.bias": "adapted"}
     assert torch.equal(model.head.weight, tiny_ckpts.state_dict["head.weight"][:3])
@@ -131,7 +211,7 @@ def test_adapt_copies_overlap_and_reports_adapted(compose, tiny_ckpts):
 
 
 def test_override_wins_over_the_default(compose, tiny_ckpts):
-    _, model, report = load(compose, tiny_ckpts.safetensors, "checkpoint.on_shape_mismatch=error",
+    _, model, report = load_classes(compose, tiny_ckpts.safetensors, "checkpoint.on_shape_mismatch=error",
                             "checkpoint.shape_overrides=[{keys: 'head.*', action: adapt}]")
     assert_partition(model, report)
     assert {m.key: (m.action, m.rule) for m in report.mismatched} == {
@@ -144,7 +224,7 @@ def test_override_wins_over_the_default(compose, tiny_ckpts):
 
 def test_first_matching_override_wins(compose, tiny_ckpts):
     # head.weight matches both entries: the first decides. head.bias matches only the second.
-    _, model, report = load(compose, tiny_ckpts.safetensors, "checkpoint.on_shape_mismatch=error",
+    _, model, report = load_classes(compose, tiny_ckpts.safetensors, "checkpoint.on_shape_mismatch=error",
                             "checkpoint.shape_overrides=[{keys: [head.weight], action: adapt}, {keys: 'head.*', action: skip}]")
     assert {m.key: (m.action, m.rule) for m in report.mismatched} == {
         "head.weight": ("adapted", "checkpoint.shape_overrides[0]"), "head.bias": ("skipped", "checkpoint.shape_overrides[1]")}
@@ -154,7 +234,7 @@ def test_first_matching_override_wins(compose, tiny_ckpts):
 
 def test_override_error_names_the_key_and_the_rule(compose, tiny_ckpts):
     with pytest.raises(CheckpointError) as info:
-        load(compose, tiny_ckpts.safetensors, "checkpoint.on_shape_mismatch=adapt",
+        load_classes(compose, tiny_ckpts.safetensors, "checkpoint.on_shape_mismatch=adapt",
              "checkpoint.shape_overrides=[{keys: head.bias, action: error}]")
     assert "head.bias: checkpoint [4] vs model [3] (checkpoint.shape_overrides[0]: error)" in info.value.problem
     assert "head.weight" not in info.value.problem  # adapted by the default
@@ -169,7 +249,7 @@ def test_override_glob_matching_no_model_key_is_an_error(compose, tiny_ckpts):
 
 
 def test_override_matching_keys_without_a_mismatch_is_fine(compose, tiny_ckpts):
-    _, _, report = load(compose, tiny_ckpts.safetensors, "checkpoint.shape_overrides=[{keys: 'layer1.*', action: error}]")
+    _, _, report = load_classes(compose, tiny_ckpts.safetensors, "checkpoint.shape_overrides=[{keys: 'layer1.*', action: error}]")
     assert {m.key: m.rule for m in report.mismatched} == {"head.weight": "checkpoint.on_shape_mismatch",
                                                          "head.bias": "checkpoint.on_shape_mismatch"}
 
@@ -211,9 +291,9 @@ def test_declared_missing_passes(compose, tiny_ckpts):
 
 def test_undeclared_missing_raises(compose, tiny_ckpts):
     with pytest.raises(CheckpointError) as info:
-        load(compose, tiny_ckpts.safetensors, "checkpoint.expect.missing=[adapter1.down.*]")
-    assert "2 missing key(s)" in info.value.problem
-    assert "adapter1.up.weight" in info.value.problem and "adapter1.down" not in info.value.problem
+        load(compose, tiny_ckpts.safetensors, "checkpoint.ignore=['^layer2\\.0\\.']", "checkpoint.expect.missing=[layer2.0.weight]")
+    assert "1 missing key(s)" in info.value.problem
+    assert "layer2.0.bias" in info.value.problem and "layer2.0.weight" not in info.value.problem
 
 
 def test_missing_glob_matching_no_model_key_raises(compose, tiny_ckpts):
@@ -222,8 +302,9 @@ def test_missing_glob_matching_no_model_key_raises(compose, tiny_ckpts):
 
 
 def test_expect_null_is_a_warning_only(compose, tiny_ckpts):
-    _, _, report = load(compose, tiny_ckpts.safetensors, "checkpoint.expect.missing=null", "checkpoint.expect.unexpected=null")
-    assert len(report.warnings) == 1 and "4 model key(s) missing" in report.warnings[0]
+    _, _, report = load(compose, tiny_ckpts.safetensors, "checkpoint.ignore=['^layer2\\.']",
+                        "checkpoint.expect.missing=null", "checkpoint.expect.unexpected=null")
+    assert len(report.warnings) == 1 and "2 model key(s) missing" in report.warnings[0]
 
 
 def test_unexpected_keys_declared_or_not(compose, tiny_ckpts, tmp_path):

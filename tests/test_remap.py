@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from finetune.checkpoint.remap import apply_rules, auto_unwrap, check_collisions, dominant_prefix, drop_ignored, map_keys
+from finetune.checkpoint.remap import (apply_rules, auto_unwrap, check_collisions, dominant_prefix, drop_ignored, map_keys,
+                                       suggest_rules)
 from finetune.config import RemapRule
 from finetune.errors import CheckpointError
 
@@ -157,3 +158,58 @@ def test_map_keys_remapped_lists_only_changed_keys():
 def test_map_keys_auto_unwrap_disabled():
     mapping = map_keys(["module.fc.weight"], MODEL_KEYS, [], [], auto=False)
     assert mapping.names == {"module.fc.weight": "module.fc.weight"} and mapping.unwrapped == []
+
+
+# ---- suggest_rules: verified before shown ------------------------------------------------------
+
+BERT_LIKE = {  # a bare encoder's checkpoint: no `bert.` prefix; the pooler shares shapes with encoder layers
+    "embeddings.word.weight": (100, 8), "encoder.layer.0.attention.output.dense.weight": (8, 8),
+    "encoder.layer.0.attention.output.dense.bias": (8,), "pooler.dense.weight": (8, 8), "pooler.dense.bias": (8,),
+}
+
+
+def shapes_with_prefix(prefix: str, shapes: dict) -> dict:
+    return {prefix + k: v for k, v in shapes.items()}
+
+
+def suggested(ckpt: dict, model: dict, remap=(), auto=True, ignore=()) -> list[tuple[str, str, int]]:
+    return [(s.pattern, s.replace, s.keys) for s in suggest_rules(ckpt, model, list(ignore), rules(*remap), auto)]
+
+
+def test_suggests_adding_a_prefix_and_maps_each_key_to_its_own_module():
+    model = {**shapes_with_prefix("bert.", BERT_LIKE), "classifier.weight": (3, 8), "classifier.bias": (3,)}
+    assert suggested(BERT_LIKE, model) == [("^", "bert.", 5)]  # never pooler -> encoder.layer.0.attention.output
+
+
+def test_suggests_stripping_a_prefix_that_auto_unwrap_does_not_know():
+    ckpt = shapes_with_prefix("backbone.", BERT_LIKE)
+    assert suggested(ckpt, BERT_LIKE) == [(r"^backbone\.", "", 5)]
+
+
+def test_suggests_swapping_prefixes_one_rule_per_renamed_module():
+    ckpt = {"features.0.weight": (4, 3), "features.0.bias": (4,), "classifier.weight": (2, 4), "classifier.bias": (2,)}
+    model = {"stem.0.weight": (4, 3), "stem.0.bias": (4,), "head.weight": (2, 4), "head.bias": (2,)}
+    got = suggested(ckpt, model)
+    assert sorted(got) == sorted([(r"^features\.", "stem.", 2), (r"^classifier\.", "head.", 2)])
+
+
+def test_suggestions_sit_on_top_of_the_configured_rules_and_the_unwrap():
+    ckpt = shapes_with_prefix("module.", shapes_with_prefix("enc.", BERT_LIKE))
+    model = shapes_with_prefix("bert.", BERT_LIKE)
+    # the unwrap strips module. (after the rules): the suggested rule runs before it, so it must see module.enc.
+    got = suggested(ckpt, model)
+    assert got == [(r"^module\.enc\.", "bert.", 5)]
+    assert suggested(ckpt, model, remap=[(r"^module\.", "")]) == [(r"^enc\.", "bert.", 5)]
+
+
+def test_nothing_is_suggested_when_nothing_would_load_more():
+    assert suggested(BERT_LIKE, BERT_LIKE) == []
+    # one key that happens to share a shape is no evidence
+    assert suggested({"fc.bias": (8,), "fc.weight": (8, 64)}, {"adapter.down.bias": (8,), "adapter.down.weight": (8, 32)}) == []
+
+
+def test_a_rule_that_would_collide_is_not_suggested():
+    # both a.x and b.x would become x: the only candidate that fills x collides with the key already there
+    ckpt = {"a.w": (2,), "a.v": (3,), "w": (2,), "v": (3,)}
+    model = {"w": (2,), "v": (3,)}
+    assert suggested(ckpt, model) == []

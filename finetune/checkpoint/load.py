@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -12,11 +11,12 @@ from torch import nn
 
 from finetune.checkpoint.adapt import adapt_tensor
 from finetune.checkpoint.read import read_checkpoint
-from finetune.checkpoint.remap import dominant_prefix, map_keys
-from finetune.checkpoint.report import LoadReport, Mismatch, RemapSuggestion
+from finetune.checkpoint.remap import dominant_prefix, map_keys, suggest_rules
+from finetune.checkpoint.report import LoadReport, Mismatch
 from finetune.config import ShapePolicy
 from finetune.errors import CheckpointError, ConfigError
 from finetune.matching import glob_matches, require_matches
+from finetune.model import AppliedEdit, base_param_names
 
 log = logging.getLogger(__name__)
 
@@ -31,19 +31,29 @@ DEFAULT_RULE = Mismatch.rule  # "checkpoint.on_shape_mismatch"
 @dataclass
 class ShapeRules:
     """The shape policy per model key: the first `checkpoint.shape_overrides` entry whose globs
-    match the key decides, else `checkpoint.on_shape_mismatch`."""
+    match the key decides; else the `replace` op that put the key's module in (a new module of
+    another size: its keys are skipped, the op is their declaration); else `checkpoint.on_shape_mismatch`."""
 
     default: ShapePolicy
     overrides: list[tuple[str, list[str], ShapePolicy]] = field(default_factory=list)  # (rule, globs, action)
+    replaced: list[AppliedEdit] = field(default_factory=list)
 
     def action_for(self, key: str) -> tuple[ShapePolicy, str]:
         for rule, globs, action in self.overrides:
             if any(glob_matches(g, key) for g in globs):
                 return action, rule
+        edit = declaring_edit(self.replaced, key)
+        if edit is not None:
+            return ShapePolicy.skip, edit.rule
         return self.default, DEFAULT_RULE
 
 
-def shape_rules(ckpt_cfg, model_keys: Sequence[str]) -> ShapeRules:
+def declaring_edit(edits: Sequence[AppliedEdit], key: str) -> AppliedEdit | None:
+    """The `model.add` op that put in the module holding `key` (the last one, where edits nest)."""
+    return next((e for e in reversed(edits) if e.covers(key)), None)
+
+
+def shape_rules(ckpt_cfg, model_keys: Sequence[str], edits: Sequence[AppliedEdit] = ()) -> ShapeRules:
     """Read `on_shape_mismatch` and `shape_overrides`. Like every rule, each override must match
     some model key: a glob that matches nothing is a typo, not a policy."""
     from omegaconf import OmegaConf
@@ -52,15 +62,17 @@ def shape_rules(ckpt_cfg, model_keys: Sequence[str]) -> ShapeRules:
     for i, entry in enumerate(ckpt_cfg.get("shape_overrides") or []):
         rule = f"checkpoint.shape_overrides[{i}]"
         if OmegaConf.is_config(entry) and (OmegaConf.is_missing(entry, "keys") or OmegaConf.is_missing(entry, "action")):
-            raise ConfigError(f"{rule} needs both `keys` and `action`.", "e.g. {keys: 'head.*', action: adapt}")
+            raise ConfigError(f"{rule} needs both `keys` and `action`.", "e.g. {keys: 'head.*', action: adapt}", group="checkpoint")
         keys = entry["keys"]  # by item: `entry.keys` is DictConfig's method
         keys = OmegaConf.to_container(keys) if OmegaConf.is_config(keys) else keys
         globs = [keys] if isinstance(keys, str) else keys
         if not isinstance(globs, list) or not globs or not all(isinstance(g, str) and g for g in globs):
-            raise ConfigError(f"{rule}.keys={keys!r} is not a glob or a list of globs.", "e.g. keys: 'head.*' or keys: ['head.*', pos_embed]")
+            raise ConfigError(f"{rule}.keys={keys!r} is not a glob or a list of globs.",
+                              "e.g. keys: 'head.*' or keys: ['head.*', pos_embed]", group="checkpoint")
         require_matches(globs, model_keys, f"{rule}.keys", what="model key")
         overrides.append((rule, globs, ShapePolicy(entry["action"])))
-    return ShapeRules(ShapePolicy(ckpt_cfg.on_shape_mismatch), overrides)
+    replaced = [e for e in edits if e.op == "replace"]
+    return ShapeRules(ShapePolicy(ckpt_cfg.on_shape_mismatch), overrides, replaced)
 
 
 class NeedsNormalBuild(Exception):
@@ -144,6 +156,7 @@ def match_and_load(model: nn.Module, checkpoint: dict[str, torch.Tensor], names:
             "if these modules are new (e.g. a head for a new label set), set checkpoint.on_shape_mismatch=skip "
             "(keep the new init) or adapt (copy what fits), or per key: "
             "checkpoint.shape_overrides=[{keys: 'head.*', action: skip}]; or drop the keys with checkpoint.ignore",
+            group="checkpoint",
         )
     for key in model_sd:
         if key in mismatched:
@@ -169,75 +182,95 @@ def match_and_load(model: nn.Module, checkpoint: dict[str, torch.Tensor], names:
             raise NeedsNormalBuild(f"{len(still_meta)} tensors stayed on the meta device, e.g. {still_meta[0]}")
 
 
-def suggest_remaps(missing: Sequence[str], unexpected: Sequence[str], shapes_missing: dict, shapes_unexpected: dict) -> list[RemapSuggestion]:
-    """Prefix renames that would turn unexpected keys into missing ones with the same shapes."""
-    by_suffix: dict[str, list[str]] = {}
-    for key in missing:
-        parts = key.split(".")
-        for i in range(len(parts)):
-            by_suffix.setdefault(".".join(parts[i:]), []).append(key)
-    rules: Counter = Counter()
-    for key in unexpected:
-        parts = key.split(".")
-        for i in range(1, len(parts) + 1):
-            suffix = ".".join(parts[i:]) if i < len(parts) else None
-            if suffix is None:
-                break
-            candidates = [m for m in by_suffix.get(suffix, []) if shapes_missing[m] == shapes_unexpected[key]]
-            if candidates:
-                old_prefix = key[: len(key) - len(suffix)]
-                for m in candidates[:1]:
-                    rules[(old_prefix, m[: len(m) - len(suffix)])] += 1
-                break
-    suggestions = []
-    for (old, new), count in rules.most_common(5):
-        if count >= 2 or len(unexpected) == 1:
-            suggestions.append(RemapSuggestion(pattern="^" + old.replace(".", r"\."), replace=new, keys=count))
-    return suggestions
+def declare_by_edits(report: LoadReport, edits: Sequence[AppliedEdit]) -> None:
+    """Keys the `model.add` ops account for: every key of a module an op created, or of a module a
+    `replace` put in, that the checkpoint cannot fill (missing), and the checkpoint keys of a
+    replaced module that the new one no longer has (unexpected). The op is their declaration:
+    `checkpoint.expect` need not repeat them. (Mismatched keys of a replaced module carry the op as
+    their `rule`.)"""
+    replaced = [e for e in edits if e.op == "replace"]
+    for key in report.missing:
+        edit = declaring_edit(edits, key)
+        if edit is not None:
+            report.declared[key] = edit.rule
+    for key in report.unexpected:
+        edit = declaring_edit(replaced, key)
+        if edit is not None:
+            report.declared[key] = edit.rule
 
 
-def _undeclared(keys: Sequence[str], globs: Sequence[str]) -> list[str]:
-    return [k for k in keys if not any(glob_matches(g, k) for g in globs)]
+def _undeclared(keys: Sequence[str], globs: Sequence[str], declared: dict[str, str]) -> list[str]:
+    return [k for k in keys if k not in declared and not any(glob_matches(g, k) for g in globs)]
 
 
-def check_expectations(report: LoadReport, expect, model: nn.Module, base_params: Sequence[str]) -> None:
+def _suggested_fix(report: LoadReport) -> str | None:
+    if not report.suggestions:
+        return None
+    rules = ", ".join(f"{{pattern: '{s.pattern}', replace: '{s.replace}'}}" for s in report.suggestions)
+    gained = sum(s.keys for s in report.suggestions)
+    return f"add checkpoint.remap=[{rules}] (verified: {gained} more checkpoint keys then load)"
+
+
+def check_min_loaded(report: LoadReport, min_loaded: float | None, model: nn.Module, edits: Sequence[AppliedEdit]) -> None:
+    """A checkpoint from which (almost) nothing of the base model loads is a mistake -- wrong keys,
+    wrong file -- not a fine-tune: by default at least 10% of the base model's parameters (by count;
+    modules `model.add` put in are not the base) must come from it, whole or adapted."""
+    if min_loaded is None:
+        return
+    params = dict(model.named_parameters())
+    base = base_param_names(model, list(edits))
+    total = sum(params[n].numel() for n in base)
+    if total == 0:
+        return
+    filled = set(report.loaded) | {m.key for m in report.mismatched if m.action == "adapted"}
+    got = sum(params[n].numel() for n in base if n in filled)
+    if got / total >= min_loaded:
+        return
+    loaded_keys = sum(1 for n in base if n in filled)
+    fix = _suggested_fix(report) or (
+        "the checkpoint's keys do not line up with the model's: compare them with "
+        f"`finetune-inspect {report.checkpoint} model=...` and add checkpoint.remap rules, or point checkpoint.path at the right file")
+    raise CheckpointError(
+        f"only {got / total:.1%} of the base model's parameters loaded from the checkpoint ({loaded_keys} of {len(base)} "
+        f"parameter tensors; checkpoint.expect.min_loaded={min_loaded}): the run would train from scratch.",
+        f"{fix}; if the model really takes almost nothing from this checkpoint, lower checkpoint.expect.min_loaded (0 or null turns the check off)",
+        group="checkpoint",
+    )
+
+
+def check_expectations(report: LoadReport, expect, model: nn.Module, edits: Sequence[AppliedEdit] = ()) -> None:
+    """The declared differences: `min_loaded` first (when nothing lines up, that is the cause), then
+    `expect.missing` / `expect.unexpected` (each a list of globs: exactly these may differ, beside
+    what the `model.add` ops declare); undeclared differences without a list are a warning."""
+    check_min_loaded(report, expect.min_loaded, model, edits)
     model_keys = list(model.state_dict())
-    for field_name, keys, universe in (
-        ("missing", report.missing, model_keys),
-        ("unexpected", report.unexpected, report.unexpected),
-    ):
+    for field_name, keys in (("missing", report.missing), ("unexpected", report.unexpected)):
         globs = getattr(expect, field_name)
         if globs is None:
             continue
         if field_name == "missing":
-            require_matches(globs, universe, "checkpoint.expect.missing", what="model key", error=CheckpointError)
-        surprises = _undeclared(keys, globs)
+            require_matches(globs, model_keys, "checkpoint.expect.missing", what="model key", error=CheckpointError)
+        surprises = _undeclared(keys, globs, report.declared)
         if surprises:
             shown = ", ".join(surprises[:8]) + (f", ... ({len(surprises)} in all)" if len(surprises) > 8 else "")
+            suggested = _suggested_fix(report)
             raise CheckpointError(
                 f"{len(surprises)} {field_name} key(s) not declared in checkpoint.expect.{field_name}: {shown}",
-                f"if this is intended, add globs for them to checkpoint.expect.{field_name}; otherwise fix "
-                "checkpoint.remap (see the suggestions above) or checkpoint.path",
+                f"if this is intended, add globs for them to checkpoint.expect.{field_name}; otherwise "
+                + (suggested if suggested else "fix checkpoint.remap or checkpoint.path"),
+                group="checkpoint",
             )
     undeclared = []
-    if expect.missing is None and report.missing:
-        undeclared.append(f"{len(report.missing)} model key(s) missing from the checkpoint (checkpoint.expect.missing)")
-    if expect.unexpected is None and report.unexpected:
-        undeclared.append(f"{len(report.unexpected)} checkpoint key(s) unused (checkpoint.expect.unexpected)")
+    missing = _undeclared(report.missing, [], report.declared)
+    unexpected = _undeclared(report.unexpected, [], report.declared)
+    if expect.missing is None and missing:
+        undeclared.append(f"{len(missing)} model key(s) missing from the checkpoint (checkpoint.expect.missing)")
+    if expect.unexpected is None and unexpected:
+        undeclared.append(f"{len(unexpected)} checkpoint key(s) unused (checkpoint.expect.unexpected)")
     if undeclared:
         report.warnings.append(
             " and ".join(undeclared) + ", not declared: declare them (a list of globs) to make any other difference an error"
         )
-    if expect.min_loaded is not None:
-        params = dict(model.named_parameters())
-        total = sum(params[n].numel() for n in base_params) or 1
-        loaded = set(report.loaded)
-        got = sum(params[n].numel() for n in base_params if n in loaded)
-        if got / total < expect.min_loaded:
-            raise CheckpointError(
-                f"only {got / total:.1%} of the base model's parameters loaded (checkpoint.expect.min_loaded={expect.min_loaded}).",
-                "the keys probably do not line up: read the suggested remap rules above, or run finetune-inspect on the checkpoint",
-            )
 
 
 LOW_MEMORY_AUTO_BYTES = 512 * 2**20
@@ -260,12 +293,14 @@ def wants_low_memory(ckpt_cfg) -> bool:
     return path.is_file() and path.stat().st_size > LOW_MEMORY_AUTO_BYTES
 
 
-def load_checkpoint(model: nn.Module, ckpt_cfg, base_params: Sequence[str], low_memory: bool = False,
+def load_checkpoint(model: nn.Module, ckpt_cfg, edits: Sequence[AppliedEdit] = (), low_memory: bool = False,
                     mmap: bool = False) -> LoadReport:
-    """`mmap`: read safetensors through a memory map even when copying into a built model (under
-    DDP the ranks then share the page cache instead of each holding a whole copy)."""
+    """Read, remap, match and load `ckpt_cfg.path` into `model`; the report accounts for every key.
+    `edits`: what `model.add` put in (their keys are declared by the ops). `mmap`: read safetensors
+    through a memory map even when copying into a built model (under DDP the ranks then share the
+    page cache instead of each holding a whole copy)."""
     model_sd = model.state_dict()
-    rules = shape_rules(ckpt_cfg, list(model_sd))  # a config mistake fails before the checkpoint is read
+    rules = shape_rules(ckpt_cfg, list(model_sd), edits)  # a config mistake fails before the checkpoint is read
     contents = read_checkpoint(ckpt_cfg.path, ckpt_cfg.format.value, ckpt_cfg.select, zero_copy=low_memory or mmap)
     keys = list(contents.state_dict)
     extra = [p for p in [dominant_prefix(keys)] if p] if contents.format == "lightning" else []
@@ -279,12 +314,13 @@ def load_checkpoint(model: nn.Module, ckpt_cfg, base_params: Sequence[str], low_
         unwrapped=mapping.unwrapped,
     )
     match_and_load(model, contents.state_dict, mapping.names, rules, report, low_memory)
+    declare_by_edits(report, edits)
     if report.missing and report.unexpected:
-        reverse = {name: orig for orig, name in mapping.names.items()}
-        report.suggestions = suggest_remaps(
-            report.missing,
-            report.unexpected,
-            {k: _shape(model_sd[k]) for k in report.missing},
-            {k: _shape(contents.state_dict[reverse[k]]) for k in report.unexpected},
+        # A rule never fills a module that model.add created: its keys are new by declaration.
+        created = [e for e in edits if e.op != "replace"]
+        report.suggestions = suggest_rules(
+            {k: tuple(t.shape) for k, t in contents.state_dict.items()},
+            {k: tuple(t.shape) for k, t in model_sd.items() if declaring_edit(created, k) is None},
+            ckpt_cfg.ignore, ckpt_cfg.remap, ckpt_cfg.auto_unwrap, extra,
         )
     return report

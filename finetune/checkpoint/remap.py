@@ -38,6 +38,7 @@ def _compile(pattern: str, where: str) -> re.Pattern:
         raise CheckpointError(
             f"{where}: {pattern!r} is not a valid regular expression ({exc}).",
             "escape literal dots and brackets, e.g. '^backbone\\.' (in YAML, use single quotes)",
+            group="checkpoint",
         ) from exc
 
 
@@ -55,6 +56,7 @@ def drop_ignored(keys: Sequence[str], patterns: Sequence[str]) -> tuple[list[str
         raise CheckpointError(
             f"checkpoint.ignore pattern(s) {unused} match no checkpoint key.",
             f"fix or remove them; checkpoint keys look like: {', '.join(list(keys)[:3])}",
+            group="checkpoint",
         )
     return kept, ignored
 
@@ -73,6 +75,7 @@ def apply_rules(names: dict[str, str], rules: Iterable) -> dict[str, str]:
                     raise CheckpointError(
                         f"checkpoint.remap[{i}]: replacement {rule.replace!r} is invalid for pattern {rule.pattern!r} ({exc}).",
                         "refer only to groups the pattern defines (\\1, \\g<name>)",
+                        group="checkpoint",
                     ) from exc
                 changed += 1
         if changed == 0:
@@ -80,6 +83,7 @@ def apply_rules(names: dict[str, str], rules: Iterable) -> dict[str, str]:
             raise CheckpointError(
                 f"checkpoint.remap[{i}] (pattern {rule.pattern!r}) matches no checkpoint key.",
                 f"fix the pattern or remove the rule; keys at this point look like: {sample}",
+                group="checkpoint",
             )
     return current
 
@@ -113,6 +117,7 @@ def check_collisions(names: dict[str, str]) -> None:
             raise CheckpointError(
                 f"checkpoint keys '{seen[name]}' and '{orig}' both map to '{name}' after ignore/remap/unwrap.",
                 "make the remap rules more specific, or drop one of them with checkpoint.ignore",
+                group="checkpoint",
             )
         seen[name] = orig
 
@@ -134,3 +139,95 @@ def dominant_prefix(keys: Sequence[str]) -> str | None:
         return None
     prefix, count = firsts.most_common(1)[0]
     return prefix if count > len(keys) // 2 else None
+
+
+# ---- suggested rules -------------------------------------------------------------------------
+
+MAX_SUGGESTED_RULES = 4
+_CANDIDATES_TRIED = 12
+
+
+def _fitting(names: dict[str, str], model_shapes: dict[str, tuple], ckpt_shapes: dict[str, tuple]) -> int:
+    """How many checkpoint keys land on a model key of the same shape."""
+    return sum(1 for orig, name in names.items() if model_shapes.get(name) == ckpt_shapes[orig])
+
+
+def _prefix_candidates(names: dict[str, str], model_shapes: dict[str, tuple], ckpt_shapes: dict[str, tuple]) -> Counter:
+    """(old prefix, new prefix) pairs that would move a key that fits nothing onto a model key that
+    nothing fills, of the same shape and with the longest common dotted suffix: a prefix stripped
+    (`module.x` -> `x`), added (`x` -> `bert.x`) or swapped (`backbone.x` -> `encoder.x`)."""
+    filled = {name for orig, name in names.items() if model_shapes.get(name) == ckpt_shapes[orig]}
+    by_suffix: dict[str, list[str]] = {}
+    for key in model_shapes:
+        if key not in filled:
+            parts = key.split(".")
+            for i in range(len(parts)):
+                by_suffix.setdefault(".".join(parts[i:]), []).append(key)
+    votes: Counter = Counter()
+    for orig, name in names.items():
+        if name in filled:
+            continue
+        parts = name.split(".")
+        for i in range(len(parts)):  # longest suffix first: the whole name (a prefix added) included
+            suffix = ".".join(parts[i:])
+            targets = [m for m in by_suffix.get(suffix, []) if model_shapes[m] == ckpt_shapes[orig]]
+            if targets:
+                old = name[: len(name) - len(suffix)]
+                votes.update({(old, m[: len(m) - len(suffix)]) for m in targets[:3]})
+                break
+    return votes
+
+
+def suggest_rules(ckpt_shapes: dict[str, tuple], model_shapes: dict[str, tuple], ignore: Sequence[str],
+                  rules: Sequence, auto: bool, extra_prefixes: Sequence[str] = ()) -> list:
+    """Remap rules that would make more checkpoint keys load, each verified before it is suggested:
+    appended to the configured rules and run through the same `map_keys` a run uses, it must raise
+    no error (it matches something, makes no collision) and increase the number of keys that land
+    on a model key of their shape. Greedy: the best rule first, then the next on top of it."""
+    from finetune.checkpoint.report import RemapSuggestion
+
+    keys, model_keys = list(ckpt_shapes), set(model_shapes)
+    chosen: list[RemapRuleSpec] = []
+
+    def mapped(extra: Sequence) -> dict[str, str] | None:
+        try:
+            kept, _ = drop_ignored(keys, ignore)
+            names = apply_rules({k: k for k in kept}, [*rules, *extra])
+            if auto:
+                names, _ = auto_unwrap(names, model_keys, extra_prefixes)
+            check_collisions(names)
+            return names
+        except CheckpointError:
+            return None
+
+    suggestions = []
+    current = mapped([])
+    if current is None:
+        return []
+    score = _fitting(current, model_shapes, ckpt_shapes)
+    for _ in range(MAX_SUGGESTED_RULES):
+        # Candidates come from the names the new rule will see: after the configured rules, before the unwrap.
+        kept, _ = drop_ignored(keys, ignore)
+        before_unwrap = apply_rules({k: k for k in kept}, [*rules, *chosen])
+        best = None
+        for (old, new), _votes in _prefix_candidates(before_unwrap, model_shapes, ckpt_shapes).most_common(_CANDIDATES_TRIED):
+            rule = RemapRuleSpec("^" + re.escape(old), new.replace("\\", "\\\\"))
+            names = mapped([*chosen, rule])
+            gain = -1 if names is None else _fitting(names, model_shapes, ckpt_shapes) - score
+            # One key that happens to share a shape is no evidence; a rule must move at least two.
+            if gain > (1 if len(keys) > 1 else 0) and (best is None or gain > best[1]):
+                best = (rule, gain)
+        if best is None:
+            break
+        chosen.append(best[0])
+        score += best[1]
+        suggestions.append(RemapSuggestion(pattern=best[0].pattern, replace=best[0].replace, keys=best[1]))
+    return suggestions
+
+
+@dataclass(frozen=True)
+class RemapRuleSpec:
+    """A rule as `apply_rules` reads it (the shape of a `checkpoint.remap` entry)."""
+
+    pattern: str
+    replace: str

@@ -12,14 +12,14 @@ class Mismatch:
     checkpoint_shape: list[int]
     action: str  # skipped | adapted
     detail: str = ""
-    rule: str = "checkpoint.on_shape_mismatch"  # or the checkpoint.shape_overrides[i] entry that decided
+    rule: str = "checkpoint.on_shape_mismatch"  # or the checkpoint.shape_overrides[i] entry / model.add op that decided
 
 
 @dataclass
 class RemapSuggestion:
     pattern: str
     replace: str
-    keys: int  # how many missing keys the rule would fill
+    keys: int  # how many more checkpoint keys land on a model key of their shape with the rule (verified)
 
 
 @dataclass
@@ -36,7 +36,8 @@ class LoadReport:
     unwrapped: list[str] = field(default_factory=list)  # wrapper prefixes removed automatically
     casts: dict[str, str] = field(default_factory=dict)  # key -> "float16->float32"
     init: str = "constructor"  # how new parameters were initialised
-    suggestions: list[RemapSuggestion] = field(default_factory=list)
+    suggestions: list[RemapSuggestion] = field(default_factory=list)  # verified: each makes `keys` more keys load
+    declared: dict[str, str] = field(default_factory=dict)  # missing/unexpected key -> the model.add op declaring it
     warnings: list[str] = field(default_factory=list)
 
     @property

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from finetune import config as _config  # noqa: F401  (registers the schema and resolvers)
 from finetune import distributed
-from finetune.commands import report_error
+from finetune.commands import config_origin, report_error
 from finetune.errors import ConfigError, FinetuneError
 from finetune.paths import config_dir
 
@@ -64,7 +64,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             raise
         if not world.is_main:  # rank 0 reports it; a rank's own error is marked with its rank
             print(f"[rank{world.rank}] ", end="", file=sys.stderr)
-        report_error(exc)
+        report_error(exc, config_origin(exc.group))
         if multirun:
             return job_failed(run_dir, started, str(exc))
         sys.exit(exc.exit_code)

@@ -120,6 +120,20 @@ def _sample(mapping: dict[str, str], n: int = 2) -> str:
     return ", ".join(f"{a} -> {b}" for a, b in list(mapping.items())[:n])
 
 
+def _under(keys: list[str]) -> str:
+    """`adapter2.*` for keys that all lie under `adapter2` (one op's module), else their groups."""
+    common = [p[0] for p in zip(*(k.split(".") for k in keys)) if len(set(p)) == 1]
+    depth = len(common) if all(len(k.split(".")) > len(common) for k in keys) else 0
+    return ".".join(common[:depth]) + ".*" if depth else ", ".join(group_keys(keys))
+
+
+def _by_rule(declared: dict[str, str]) -> "OrderedDict[str, list[str]]":
+    out: OrderedDict[str, list[str]] = OrderedDict()
+    for key, rule in declared.items():
+        out.setdefault(rule, []).append(key)
+    return out
+
+
 def format_load_report(report: LoadReport) -> str:
     status: dict[str, str] = {k: "loaded" for k in report.loaded}
     status.update({k: "missing" for k in report.missing})
@@ -140,6 +154,12 @@ def format_load_report(report: LoadReport) -> str:
     for m in report.mismatched:
         by = f" by {m.rule}" if m.rule != Mismatch.rule else ""
         lines.append(f"  mismatched {m.key}: checkpoint {m.checkpoint_shape} -> model {m.model_shape}: {m.action}{by} ({m.detail})")
+    for rule, keys in _by_rule(report.declared).items():
+        missing = [k for k in keys if k not in set(report.unexpected)]
+        unused = [k for k in keys if k in set(report.unexpected)]
+        parts = ([f"{_under(missing)} new ({len(missing)} missing)"] if missing else []) + \
+                ([f"{_under(unused)} of the replaced module unused ({len(unused)} unexpected)"] if unused else [])
+        lines.append(f"  declared by {rule}: {'; '.join(parts)}")
     if report.unexpected:
         groups = group_keys(report.unexpected)
         lines.append("  unexpected (in the checkpoint, unused): " + ", ".join(f"{g} ({len(k)})" for g, k in groups.items()))
@@ -152,8 +172,8 @@ def format_load_report(report: LoadReport) -> str:
     if report.casts:
         lines.append(f"  cast {len(report.casts)} tensors to the model's dtype, e.g. {_sample(report.casts, 1)}")
     for s in report.suggestions:
-        lines.append(f"  suggestion: {s.keys} unexpected keys would match missing ones with remap rule "
-                     f"{{pattern: '{s.pattern}', replace: '{s.replace}'}}")
+        lines.append(f"  suggestion (verified): remap rule {{pattern: '{s.pattern}', replace: '{s.replace}'}} "
+                     f"makes {s.keys} more checkpoint key{'s' if s.keys != 1 else ''} load")
     for w in report.warnings:
         lines.append(f"  warning: {w}")
     return "\n".join(lines)

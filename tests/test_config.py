@@ -39,9 +39,11 @@ def test_default_config_composes(compose):
     cfg = compose([], search=())
     assert cfg.model.base._target_ == "finetune.demo.net.DemoNet"
     assert [e.op.value for e in cfg.model.add] == ["replace", "after"]
-    assert cfg.checkpoint.on_shape_mismatch is ShapePolicy.skip
+    # The demo's checkpoint config is its path: model.add declares the rest (nothing leaks into a user's run).
+    assert cfg.checkpoint.on_shape_mismatch is ShapePolicy.error and list(cfg.checkpoint.remap) == []
     assert Path(cfg.checkpoint.path).is_file()  # the finetune_asset resolver finds the packaged checkpoint
-    assert list(cfg.checkpoint.expect.missing) == ["adapter2.*"] and list(cfg.checkpoint.expect.unexpected) == []
+    assert cfg.checkpoint.expect.missing is None and cfg.checkpoint.expect.unexpected is None
+    assert cfg.checkpoint.expect.min_loaded == 0.1
     assert cfg.data.train._target_ == "finetune.demo.data.shapes_task_b"
     assert cfg.optim.optimizer._target_ == "torch.optim.AdamW"
     assert cfg.trainer.monitor == "auto" and cfg.task.monitor == "val/acc"  # auto: the task's primary metric

@@ -4,13 +4,15 @@
 `finetune --config-dir DIR` / `hydra.searchpath` see). `rebuild_run_config` rebuilds a finished
 run's config from what its `.hydra/` recorded: the primary config's name, the config sources the
 user added (`--config-dir`, `hydra.searchpath`) and the run's overrides, with more overrides
-appended. `check_recorded_config` refuses a run directory whose config no longer matches the one
-its weights were trained with (a run directory's config names callables: it is trusted like a
-script, so it must be the one the run recorded).
+appended. `check_saved_config` refuses a `.hydra/config.yaml` that no longer matches the digest the
+run recorded, and `check_recorded_config` a run directory whose rebuilt config is not the one its
+weights were trained with (a run directory's config names callables: it is trusted like a script, so
+it must be the one the run recorded); `--allow-edited-config` turns both into warnings.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,6 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from finetune import config as _config  # noqa: F401  (registers the schema and the resolvers)
 from finetune.errors import ConfigError, RunDirError
 from finetune.paths import config_dir
+
+log = logging.getLogger(__name__)
 
 # Config sources Hydra records that are not the user's: Hydra's own, the primary (packaged) one,
 # and the structured-config store.
@@ -155,35 +159,84 @@ def rebuild_run_config(recorded: RecordedRun, overrides: Sequence[str] = (),
 # ---- provenance -------------------------------------------------------------------------------
 
 
-def check_recorded_config(run_dir: Path, rebuilt: DictConfig, recorded_yaml: str | None) -> None:
-    """Refuse unless the rebuilt config and `.hydra/config.yaml` are the config the run trained
-    with (`recorded_yaml`: the resolved config stored in its model.safetensors)."""
+def check_saved_config(run_dir: Path, recorded_sha256: str | None, recorded_yaml: str | None,
+                       allow_edited: bool = False) -> list[str]:
+    """Refuse `.hydra/config.yaml` unless it is the file the run started with: its sha256 is the one
+    the run recorded in its weights (`config_sha256`; runs without one: its content resolves to the
+    config they trained with). Reads nothing but that file and the recorded values: call it before
+    anything is composed or built from the run directory. `allow_edited`: warn instead; returns the
+    warnings."""
+    import hashlib
+
+    run_dir = Path(run_dir)
+    saved_file = run_dir / ".hydra" / "config.yaml"
+    try:
+        data = saved_file.read_bytes()
+    except OSError as exc:
+        raise RunDirError(f"{saved_file} cannot be read: {exc.strerror or exc}.",
+                          "restore the file the run wrote, or evaluate another run") from exc
+    if recorded_sha256:
+        if hashlib.sha256(data).hexdigest() == recorded_sha256:
+            return []
+        changed = _saved_config_differences(saved_file, recorded_yaml) if recorded_yaml else []
+    else:  # a run from before the digest was recorded: compare what the file resolves to
+        if not recorded_yaml:
+            raise RunDirError(f"{run_dir / 'model.safetensors'} records no config: the run's config cannot be verified.",
+                              "evaluate a run that finetune trained (its weights carry the config they were trained with)")
+        changed = _saved_config_differences(saved_file, recorded_yaml, strict=True)
+        if not changed:
+            return []
+    where = f"; it differs at {', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}" if changed else ""
+    problem = (f"{saved_file} does not match the config the run trained with ({'its sha256, ' if recorded_sha256 else ''}"
+               f"recorded in model.safetensors): it was edited since the run{where}.")
+    if allow_edited:
+        log.warning("%s Going on: --allow-edited-config.", problem)
+        return [problem]
+    raise RunDirError(problem, "restore the run's .hydra/ as the run wrote it (a config names callables: _target_), "
+                               "or pass --allow-edited-config if you made the edit and trust it")
+
+
+def _saved_config_differences(saved_file: Path, recorded_yaml: str, strict: bool = False) -> list[str]:
+    """The keys where `.hydra/config.yaml`, resolved, differs from the recorded config. `strict`: a
+    file that cannot be resolved is refused (else: no keys to name)."""
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(saved_file), resolve=True, enum_to_str=True)
+    except Exception as exc:  # an edited file can fail in any way while being resolved
+        if not strict:
+            return []
+        raise RunDirError(f"{saved_file} cannot be read back: {type(exc).__name__}: {str(exc).splitlines()[0]}",
+                          "restore the file the run wrote, or evaluate another run") from exc
+    return differing_keys(yaml.safe_load(recorded_yaml), _plain(saved))
+
+
+def check_recorded_config(run_dir: Path, rebuilt: DictConfig, recorded_yaml: str | None,
+                          recorded_sha256: str | None = None, allow_edited: bool = False) -> list[str]:
+    """Both checks of a run directory's config: check_saved_config, then check_rebuilt_config."""
+    warnings = check_saved_config(run_dir, recorded_sha256, recorded_yaml, allow_edited)
+    return [*warnings, *check_rebuilt_config(run_dir, rebuilt, recorded_yaml, allow_edited)]
+
+
+def check_rebuilt_config(run_dir: Path, rebuilt: DictConfig, recorded_yaml: str | None,
+                         allow_edited: bool = False) -> list[str]:
+    """Refuse unless the config rebuilt from `.hydra/` (overrides, config dirs) is the one the run
+    trained with (`recorded_yaml`: the resolved config stored in its model.safetensors).
+    `allow_edited`: warn instead; returns the warnings. Composing does not build anything, so this
+    runs before anything is instantiated."""
     run_dir = Path(run_dir)
     if not recorded_yaml:
         raise RunDirError(f"{run_dir / 'model.safetensors'} records no config: the run's config cannot be verified.",
                           "evaluate a run that finetune trained (its weights carry the config they were trained with)")
-    recorded = yaml.safe_load(recorded_yaml)
-    saved_file = run_dir / ".hydra" / "config.yaml"
-    try:
-        saved = OmegaConf.to_container(OmegaConf.load(saved_file), resolve=True, enum_to_str=True)
-    except Exception as exc:  # an edited file can fail in any way while being resolved
-        raise RunDirError(f"{saved_file} cannot be read back: {type(exc).__name__}: {str(exc).splitlines()[0]}",
-                          "restore the file the run wrote, or evaluate another run") from exc
-    changed = differing_keys(recorded, _plain(saved))
-    if changed:
-        raise RunDirError(
-            f"{saved_file} does not match the config the run trained with (recorded in model.safetensors): "
-            f"it differs at {', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}. It was edited after the run.",
-            "restore the run's .hydra/ as the run wrote it, or start a new run with the config you want",
-        )
-    changed = differing_keys(recorded, yaml.safe_load(OmegaConf.to_yaml(rebuilt, resolve=True)))
-    if changed:
-        raise RunDirError(
-            f"rebuilding the config of {run_dir} from .hydra/overrides.yaml and its config dirs gives a config other than "
-            f"the one the run trained with: it differs at {', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}. "
-            "The overrides were edited, or a config file the run used has changed since.",
-            "restore the configs the run used (or pass the directory holding them with --config-dir), or start a new run",
-        )
+    changed = differing_keys(yaml.safe_load(recorded_yaml), yaml.safe_load(OmegaConf.to_yaml(rebuilt, resolve=True)))
+    if not changed:
+        return []
+    problem = (f"rebuilding the config of {run_dir} from .hydra/overrides.yaml and its config dirs gives a config other than "
+               f"the one the run trained with: it differs at {', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}. "
+               "The overrides were edited, or a config file the run used has changed since.")
+    if allow_edited:
+        log.warning("%s Going on: --allow-edited-config.", problem)
+        return [problem]
+    raise RunDirError(problem, "restore the configs the run used (or pass the directory holding them with --config-dir), "
+                               "start a new run, or pass --allow-edited-config to use them as they are now")
 
 
 def _plain(container: Any) -> Any:

@@ -23,7 +23,8 @@ from finetune.errors import ConfigError, TrainingError
 from finetune.model import build_model, pick_device
 from finetune.policy import apply_plan, optimizer_defaults, plan_training
 from finetune.run_files import LOAD_REPORT, Summary, check_dry_run_dir, check_run_dir, write_trainability
-from finetune.session import seed_everything
+from finetune.run_lock import hold_run_dir
+from finetune.session import read_resume, seed_everything
 from finetune.state import BEST, save_weights, write_atomic, write_json
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,13 @@ traceback_log = logging.getLogger("finetune.traceback")  # job_logging sends it 
 def run(cfg: DictConfig, run_dir: Path, world: World | None = None, started: float | None = None) -> dict:
     """One run. `world`: this process's rank (None: one process, or the ranks torchrun started;
     with trainer.nproc > 1 this process becomes rank 0 and spawns the others)."""
+    if world is None:  # the process that owns the run (rank 0) holds its directory until it ends
+        with hold_run_dir(Path(run_dir), current_world(), cfg):
+            return run_held(cfg, run_dir, world, started)
+    return run_held(cfg, run_dir, world, started)  # a rank trainer.nproc spawned: rank 0 holds the directory
+
+
+def run_held(cfg: DictConfig, run_dir: Path, world: World | None, started: float | None) -> dict:
     run_dir = Path(run_dir)
     started = time.perf_counter() if started is None else started
     check_no_additions(cfg)
@@ -44,6 +52,8 @@ def run(cfg: DictConfig, run_dir: Path, world: World | None = None, started: flo
     if cfg.dry_run:
         check_dry_run_dir(run_dir)
     resume_from = None if cfg.dry_run else check_run_dir(run_dir, cfg.trainer.resume)
+    if resume_from is not None:  # verified before any report is written: a refusal leaves the earlier run's as they are
+        resume_from = read_resume(resume_from, cfg, world)
     if world.is_distributed:
         check_distributed_config(cfg)
         world.barrier()  # every rank has looked at the run directory before rank 0 writes to it

@@ -31,6 +31,7 @@ class Summary:
     world_size: int = 1  # the processes that trained (DDP ranks)
     ranks_in_sync: bool | None = None  # under DDP: whether all ranks ended with identical parameters
     resumed_from: dict | None = None  # {epoch, step} of the checkpoint this run resumed from
+    resume_changes: dict | None = None  # settings its resumes changed (allowed ones): {dotted key: [old, new]}
     best: dict | None = None  # {metric, value, epoch, mode}
     final: dict = field(default_factory=dict)  # the last validation metrics
     throughput: dict = field(default_factory=lambda: {"train_samples_per_s": None})
@@ -56,13 +57,14 @@ class Summary:
             final=dict(p.final),
             throughput={"train_samples_per_s": round(p.train_samples / p.train_seconds, 2) if p.train_seconds else None},
             skipped_nonfinite=p.skipped_nonfinite,
+            resume_changes=dict(getattr(p, "resume_changes", None) or {}) or None,
         )
         return cls(**{**values, **fields})
 
     def to_json(self) -> dict:
         out = asdict(self)
         out["wall_s"] = round(self.wall_s, 3)
-        for optional in ("skipped_nonfinite", "error", "signal", "exit_code"):
+        for optional in ("resume_changes", "skipped_nonfinite", "error", "signal", "exit_code"):
             if out[optional] is None:
                 del out[optional]
         return out

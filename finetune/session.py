@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from finetune.audit import GradAudit, checksums, compare_checksums, frozen_tensors
 from finetune.config import Precision
 from finetune.distributed import World, device_for
-from finetune.errors import RunDirError
+from finetune.errors import CheckpointError, RunDirError
 from finetune.model import pick_device
 from finetune.policy import TrainPlan, check_optimizer_matches, param_groups, unfreeze
 from finetune.state import load_training_state, rng_state, set_rng_state
@@ -57,6 +57,7 @@ class Progress:
     train_seconds: float = 0.0
     skipped_nonfinite: int = 0  # batches skipped under trainer.skip_nonfinite
     world_size: int = 1  # processes that trained: `batch` counts each rank's batches
+    resume_changes: dict = field(default_factory=dict)  # settings resumes changed: {dotted key: [first, latest]}
 
 
 @dataclass
@@ -113,7 +114,8 @@ class Session:
 
 
 def open_session(cfg: DictConfig, run_dir: Path, model: nn.Module, plan: TrainPlan, audit: GradAudit,
-                 resume_from: Path | None, world: World, lr: float, weight_decay: float) -> Session:
+                 resume_from: "Path | Resume | None", world: World, lr: float, weight_decay: float) -> Session:
+    """`resume_from`: a training state `read_resume` verified at the start of the run (or its path)."""
     # Heavy imports only when training: a dry run never builds an optimizer (that imports torch._dynamo).
     from hydra.utils import instantiate
 
@@ -137,54 +139,206 @@ def open_session(cfg: DictConfig, run_dir: Path, model: nn.Module, plan: TrainPl
     # Loss scaling for fp16 on CUDA; a no-op otherwise. Its state is part of checkpoints/last.pt.
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.trainer.precision is Precision.fp16 and device.type == "cuda")
 
-    state = load_resume_state(resume_from, cfg, world) if resume_from is not None else None
+    resume = read_resume(Path(resume_from), cfg, world) if isinstance(resume_from, (str, Path)) else resume_from
+    state = resume.take() if resume is not None else None
     progress = Progress(**state["progress"]) if state else Progress()
     progress.world_size = world.size
-    metrics_log = NoMetricsLog()
-    if world.is_main:
-        tensorboard = tensorboard_wanted(cfg.trainer.tensorboard)
-        metrics_log = MetricsLog(run_dir / "metrics.csv", resume_step=progress.step if state else None,
-                                 tensorboard_dir=run_dir / "tensorboard" if tensorboard else None)
+    if resume is not None:
+        progress.resume_changes = merge_changes(progress.resume_changes, resume.changes)
     session = Session(
         cfg=cfg, run_dir=run_dir, world=world, device=device, model=model, plan=plan, audit=audit, task=task,
         train_loader=train_loader, val_loader=val_loader, sampler=sampler, optimizer=optimizer, scheduler=scheduler,
-        scaler=scaler, metrics_log=metrics_log, progress=progress, monitor=monitor, mode=mode,
-        base_lr=lr, base_weight_decay=weight_decay, provenance=provenance(cfg),
+        scaler=scaler, metrics_log=NoMetricsLog(), progress=progress, monitor=monitor, mode=mode,
+        base_lr=lr, base_weight_decay=weight_decay, provenance=provenance(cfg, run_dir),
     )
     if state is not None:
-        restore(session, state)
+        restore(session, state, resume.path)  # before metrics.csv is touched
+        del state
+    if world.is_main:
+        tensorboard = tensorboard_wanted(cfg.trainer.tensorboard)
+        session.metrics_log = MetricsLog(run_dir / "metrics.csv", resume_step=progress.step if resume else None,
+                                         tensorboard_dir=run_dir / "tensorboard" if tensorboard else None)
     session.frozen_checksums = checksums(frozen_tensors(model, plan))
     return session
 
 
-def load_resume_state(path: Path, cfg: DictConfig, world: World) -> dict:
+# ---- resume: what may differ from the run that wrote the checkpoint ---------------------------------
+#
+# A resume continues the run that wrote checkpoints/last.pt: every setting that changes what it
+# computes must be the one the checkpoint was trained with (its config is stored inside it). These
+# only extend the run, change how it is watched, or where the same computation runs (trainer.device,
+# compile, channels_last: floating-point rounding may differ, as between any two machines); a resume
+# may change them, and summary.json records the change in `resume_changes`. Every other key -- the
+# model, checkpoint, data, task, optim, policy, seed and the rest of trainer, keys added later too --
+# is compared. The number of processes is compared as the world size (trainer.nproc or torchrun's):
+# it sets the global batch.
+RESUME_MAY_CHANGE = ("trainer.resume", "trainer.progress", "trainer.log_every", "trainer.checkpoint_every",
+                     "trainer.tensorboard", "trainer.device", "trainer.compile", "trainer.channels_last",
+                     "data.pin_memory", "logger", "logging", "dry_run_batches")
+RESUME_MAY_RAISE = ("trainer.epochs", "trainer.max_steps")  # null max_steps: no limit, the highest
+RESUME_WORLD_KEYS = ("trainer.nproc",)  # compared as the world size, by check_resume_world
+_ABSENT = "(absent)"
+
+
+@dataclass
+class Resume:
+    """A training state read and checked at the start of a run, before any report is written."""
+
+    path: Path
+    state: dict | None
+    changes: dict[str, list]  # allowed differences from the checkpoint's config: {dotted key: [saved, now]}
+
+    def take(self) -> dict:
+        """The state, once: the session restores it, and the memory is not held for the whole run."""
+        state, self.state = self.state, None
+        if state is None:
+            raise RuntimeError(f"the training state of {self.path} was already restored")
+        return state
+
+
+def read_resume(path: Path, cfg: DictConfig, world: World) -> Resume:
+    """Verify a checkpoint to resume from (digest, contents, config, world size). Called at the start
+    of a run, so a refusal leaves the earlier run's reports as they were."""
     state = load_training_state(path)
-    saved_model_cfg = state.get("config", {}).get("model")
-    if saved_model_cfg is not None and saved_model_cfg != OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True):
-        raise RunDirError(
-            f"{path} was written for a different model config; resuming would mix two models.",
-            "rerun with the original overrides, or start a new run directory",
-        )
+    check_progress(path, state["progress"])
+    changes = check_resume_config(path, state["config"], cfg)
     check_resume_world(path, Progress(**state["progress"]), world)
     log.info("resuming from %s: epoch %d, step %d", path, state["progress"]["epoch"], state["progress"]["step"])
-    return state
+    if changes:
+        log.info("resuming with changed settings (they extend or observe the run; recorded in summary.json): %s",
+                 "; ".join(f"{key}: {show(old)} -> {show(new)}" for key, (old, new) in changes.items()))
+    return Resume(Path(path), state, changes)
 
 
-def restore(s: Session, state: dict) -> None:
-    """Put the saved run back: the optimizer groups of its unfreezes, then every state."""
-    for index in s.progress.unfrozen:  # the optimizer groups that existed when the state was saved
-        add_unfrozen_groups(s, index)
-    s.model.load_state_dict(state["model"])
-    s.optimizer.load_state_dict(state["optimizer"])
-    if s.scheduler is not None and state["scheduler"] is not None:
-        s.scheduler.load_state_dict(state["scheduler"])
-    if state.get("scaler"):
-        s.scaler.load_state_dict(state["scaler"])
-    for key, value in state["audit"].items():
-        setattr(s.audit, key, value)
-    restore_rng(state, s.world, s.cfg.seed)
+def check_progress(path: Path, saved: dict) -> None:
+    unknown = sorted(set(saved) - set(Progress.__dataclass_fields__))
+    if unknown:
+        raise CheckpointError(f"cannot resume from {path}: its progress has fields this finetune does not know: "
+                              f"{', '.join(unknown)} (written by a newer version?).",
+                              "resume with the finetune version that wrote it, or start a new run directory")
+
+
+def check_resume_config(path: Path, saved: dict, cfg: DictConfig) -> dict[str, list]:
+    """The allowed differences between the checkpoint's config and this run's ({key: [saved, now]});
+    refuses, naming every key with both values, when anything else differs."""
+    now = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    allowed, refused = {}, {}
+    for key, (old, new) in config_differences(saved, now).items():
+        if _under(key, RESUME_WORLD_KEYS):
+            continue
+        if old == _ABSENT and new == schema_default(key):
+            continue  # a key added to the schema since the checkpoint: its default keeps the old behaviour
+        if _under(key, RESUME_MAY_CHANGE) or (key in RESUME_MAY_RAISE and raises(old, new)):
+            allowed[key] = [old, new]
+        else:
+            refused[key] = (old, new)
+    if refused:
+        sections = list(dict.fromkeys(key.split(".")[0] for key in refused))
+        what = " and ".join([", ".join(sections[:-1]), sections[-1]] if len(sections) > 1 else sections)
+        lines = "".join(f"\n    {key}: {show(old)} in the checkpoint, {show(new)} now"
+                        + (" (lowered: only raising it extends the run)" if key in RESUME_MAY_RAISE else "")
+                        for key, (old, new) in refused.items())
+        restore_overrides = [f"{key}={show(old)}" for key, (old, _) in refused.items()
+                             if old != _ABSENT and not isinstance(old, (dict, list))][:3]
+        raise RunDirError(
+            f"{path} was written for a different {what} config; resuming would mix two runs. "
+            f"It differs in what changes the result:{lines}",
+            "rerun with the checkpoint's settings" + (f" (e.g. {' '.join(restore_overrides)})" if restore_overrides else "")
+            + ", or start a new run directory for the new ones (the default hydra.run.dir is timestamped)",
+        )
+    return allowed
+
+
+def config_differences(old, new, prefix: str = "") -> dict[str, tuple]:
+    """{dotted key: (old, new)} where two resolved configs differ; list items are keys too
+    (`model.add.1.module`, as in an override). A key only one side has shows `(absent)` on the other."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = {}
+        for key in [*old, *(k for k in new if k not in old)]:
+            name = f"{prefix}.{key}" if prefix else str(key)
+            out.update(config_differences(old.get(key, _ABSENT), new.get(key, _ABSENT), name))
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        out = {}
+        for i, (a, b) in enumerate(zip(old, new)):
+            out.update(config_differences(a, b, f"{prefix}.{i}" if prefix else str(i)))
+        return out
+    return {} if old == new else {prefix or "(the whole config)": (old, new)}
+
+
+def merge_changes(recorded: dict, changes: dict) -> dict:
+    """Changes over several resumes: {key: [value before the first change, latest value]}."""
+    merged = {key: list(value) for key, value in recorded.items()}
+    for key, (old, new) in changes.items():
+        first = merged[key][0] if key in merged else old
+        if first == new:
+            merged.pop(key, None)
+        else:
+            merged[key] = [first, new]
+    return merged
+
+
+def raises(old, new) -> bool:
+    if new is None:
+        return True  # no limit
+    return old is not None and old != _ABSENT and isinstance(old, int) and isinstance(new, int) and new >= old
+
+
+def schema_default(key: str):
+    from finetune.config import FinetuneConfig
+
+    node = OmegaConf.select(OmegaConf.structured(FinetuneConfig), key, default=_ABSENT, throw_on_missing=False)
+    if OmegaConf.is_config(node):
+        return OmegaConf.to_container(node, resolve=False, enum_to_str=True)
+    return getattr(node, "value", node) if not isinstance(node, (str, int, float, bool, type(None))) else node
+
+
+def show(value) -> str:
+    import json
+
+    text = value if value == _ABSENT else json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _under(key: str, prefixes) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def restore(s: Session, state: dict, path: Path | None = None) -> None:
+    """Put the saved run back: the optimizer groups of its unfreezes, then every state. A state that
+    does not fit (a foreign file whose config claims this run's) is one CheckpointError."""
+    try:
+        for index in s.progress.unfrozen:  # the optimizer groups that existed when the state was saved
+            add_unfrozen_groups(s, index)
+        s.model.load_state_dict(state["model"])
+        settings = {key for group in s.optimizer.param_groups for key in group if key != "params"}
+        s.optimizer.load_state_dict(state["optimizer"])
+        check_optimizer_state(s.optimizer, settings)
+        if s.scheduler is not None and state["scheduler"] is not None:
+            s.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            s.scaler.load_state_dict(state["scaler"])
+        for key, value in state["audit"].items():
+            setattr(s.audit, key, value)
+        restore_rng(state, s.world, s.cfg.seed)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise CheckpointError(
+            f"cannot resume from {path or 'the checkpoint'}: its state does not fit this run's model and optimizer: "
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
+            "resume from a checkpoints/last.pt of this run, or start a new run directory",
+        ) from exc
     # epoch: epochs completed when the checkpoint was written; step: optimizer steps done.
     s.resumed_from = {"epoch": state["progress"]["epoch"] - 1, "step": state["progress"]["step"]}
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, settings: set[str]) -> None:
+    """The restored groups hold this optimizer's settings (`settings`: its groups' keys before the
+    load; keys a newer torch added are filled in by the load itself). Another optimizer's state would
+    otherwise fail at the first step, far from its cause."""
+    for group in optimizer.param_groups:
+        missing = settings - set(group)
+        if missing:
+            raise ValueError(f"its optimizer groups lack {', '.join(sorted(missing))} ({type(optimizer).__name__}'s settings)")
 
 
 def add_unfrozen_groups(s: Session, index: int) -> list[dict]:
@@ -228,16 +382,16 @@ def restore_rng(state: dict, world: World, seed: int) -> None:
 
 
 def check_resume_world(path: Path, progress: Progress, world: World) -> None:
-    """A mid-epoch checkpoint counts each rank's batches: resume it with the same number of ranks."""
-    if progress.batch and progress.world_size != world.size:
+    """The checkpoint's number of processes: `data.batch_size` is per process, so another number
+    changes the global batch (and a mid-epoch checkpoint counts each rank's batches)."""
+    if progress.world_size != world.size:
+        where = "in the middle of an epoch" if progress.batch else "at an epoch's end"
         raise RunDirError(
-            f"{path} was written in the middle of an epoch by {progress.world_size} process(es); this run has {world.size}.",
+            f"{path} was written {where} by {progress.world_size} process(es); this run has {world.size}: the global "
+            f"batch (data.batch_size × processes) would change from {progress.world_size}× to {world.size}× data.batch_size.",
             f"resume with {progress.world_size} (trainer.nproc={progress.world_size} or torchrun --nproc_per_node=...), "
             "or start a new run directory",
         )
-    if progress.world_size != world.size:
-        log.warning("resuming a run of %d process(es) with %d: the global batch changes to data.batch_size × %d",
-                    progress.world_size, world.size, world.size)
 
 
 def build_scheduler(cfg, optimizer, batches_per_epoch: int):
@@ -259,13 +413,22 @@ def build_scheduler(cfg, optimizer, batches_per_epoch: int):
     return factory(optimizer)
 
 
-def provenance(cfg: DictConfig) -> dict[str, str]:
-    return {
+def provenance(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, str]:
+    """The metadata of every .safetensors a run writes: its source checkpoint, its resolved config and
+    the sha256 of `.hydra/config.yaml` as the run started (commands that rebuild from the run
+    directory refuse that file once it no longer matches)."""
+    from finetune.run_lock import config_sha256
+
+    recorded = {
         "source_checkpoint": str(cfg.checkpoint.path or ""),
         "source_sha256": file_digest(cfg.checkpoint.path) if cfg.checkpoint.path else "",
         "config": OmegaConf.to_yaml(cfg, resolve=True),
         "format": "pt",
     }
+    digest = config_sha256(run_dir) if run_dir is not None else None
+    if digest:
+        recorded["config_sha256"] = digest
+    return recorded
 
 
 def file_digest(path: str) -> str:

@@ -99,6 +99,9 @@ class ExpectConfig:
     # Fraction of the base model's parameters (not model.add's modules) that must load: below it the keys
     # do not line up and the run would train from scratch. 0 or null: no check.
     min_loaded: Optional[float] = 0.1
+    # Model keys whose checkpoint values may hold NaN/Inf (e.g. a -inf attention mask buffer); any
+    # other non-finite tensor in the checkpoint stops the run.
+    nonfinite: List[str] = field(default_factory=list)
 
 
 @dataclass

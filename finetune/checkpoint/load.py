@@ -15,6 +15,7 @@ from finetune.checkpoint.remap import dominant_prefix, map_keys, suggest_rules
 from finetune.checkpoint.report import LoadReport, Mismatch
 from finetune.config import ShapePolicy
 from finetune.errors import CheckpointError, ConfigError
+from finetune.finite import count_nonfinite, nonfinite_keys
 from finetune.matching import glob_matches, require_matches
 from finetune.model import AppliedEdit, base_param_names
 
@@ -149,6 +150,10 @@ def match_and_load(model: nn.Module, checkpoint: dict[str, torch.Tensor], names:
             report.casts[name] = f"{str(tensor.dtype).removeprefix('torch.')}->{str(fresh.dtype).removeprefix('torch.')}"
             tensor = tensor.to(fresh.dtype)
         to_load[name] = tensor
+    # Before anything is assigned: a NaN or Inf brought in from the checkpoint is named now, not
+    # found in the saved weights of a "completed" run.
+    incoming = {**to_load, **to_adapt}
+    report.nonfinite = {name: count_nonfinite(incoming[name]) for name in nonfinite_keys(incoming)}
     if refused:
         shown = "\n    ".join(refused[:10]) + (f"\n    ... and {len(refused) - 10} more" if len(refused) > 10 else "")
         raise CheckpointError(
@@ -238,12 +243,28 @@ def check_min_loaded(report: LoadReport, min_loaded: float | None, model: nn.Mod
     )
 
 
+def check_finite(report: LoadReport, allowed: Sequence[str], model_keys: Sequence[str]) -> None:
+    """Checkpoint tensors holding NaN or Inf stop the run unless `checkpoint.expect.nonfinite` names them."""
+    require_matches(allowed, model_keys, "checkpoint.expect.nonfinite", what="model key", error=CheckpointError)
+    bad = [k for k in report.nonfinite if not any(glob_matches(g, k) for g in allowed)]
+    if bad:
+        shown = ", ".join(f"{k} ({report.nonfinite[k]} values)" for k in bad[:8]) + (f", ... ({len(bad)} in all)" if len(bad) > 8 else "")
+        raise CheckpointError(
+            f"{len(bad)} checkpoint tensor(s) hold NaN or Inf: {shown}. Loaded, they would train into (or be saved "
+            "as) weights that are not numbers.",
+            "the checkpoint is damaged or was saved after training diverged: use an earlier one; if the values are "
+            "meant to be there (e.g. a -inf attention mask), declare the keys in checkpoint.expect.nonfinite",
+            group="checkpoint",
+        )
+
+
 def check_expectations(report: LoadReport, expect, model: nn.Module, edits: Sequence[AppliedEdit] = ()) -> None:
     """The declared differences: `min_loaded` first (when nothing lines up, that is the cause), then
     `expect.missing` / `expect.unexpected` (each a list of globs: exactly these may differ, beside
     what the `model.add` ops declare); undeclared differences without a list are a warning."""
     check_min_loaded(report, expect.min_loaded, model, edits)
     model_keys = list(model.state_dict())
+    check_finite(report, expect.nonfinite, model_keys)
     for field_name, keys in (("missing", report.missing), ("unexpected", report.unexpected)):
         globs = getattr(expect, field_name)
         if globs is None:

@@ -16,6 +16,7 @@ from finetune.checkpoint.report import LoadReport, Mismatch
 from finetune.config import ShapePolicy
 from finetune.errors import CheckpointError, ConfigError
 from finetune.finite import count_nonfinite, nonfinite_keys
+from finetune.storage import retie, tied_keys, unshared
 from finetune.matching import glob_matches, require_matches
 from finetune.model import AppliedEdit, base_param_names
 
@@ -163,6 +164,8 @@ def match_and_load(model: nn.Module, checkpoint: dict[str, torch.Tensor], names:
             "checkpoint.shape_overrides=[{keys: 'head.*', action: skip}]; or drop the keys with checkpoint.ignore",
             group="checkpoint",
         )
+    ties = tied_keys(model)
+    fill_tied_twins(ties, to_load, mismatched, report)
     for key in model_sd:
         if key in mismatched:
             report.mismatched.append(mismatched[key])
@@ -176,15 +179,40 @@ def match_and_load(model: nn.Module, checkpoint: dict[str, torch.Tensor], names:
         model_sd = model.state_dict()
     for name, tensor in to_adapt.items():
         to_load[name], mismatched[name].detail = adapt_tensor(name, model_sd[name], tensor)
-    result = model.load_state_dict(to_load, strict=False, assign=low_memory)
+    # A tied twin is filled through its first name (one tensor). Assigned, a checkpoint's tensors that
+    # share storage would make parameters alias: each gets its own.
+    to_load = {k: v for k, v in to_load.items() if k not in report.tied}
+    result = model.load_state_dict(unshared(to_load) if low_memory else to_load, strict=False, assign=low_memory)
+    if low_memory:  # assign gave the first name a new Parameter: point its twins at it again
+        retie(model, ties)
     # Our accounting must agree with PyTorch's: a disagreement is a bug, not a user error.
     # (PyTorch never lists BatchNorm's num_batches_tracked as missing; we do: it is a state_dict key.)
     assert not result.unexpected_keys, result.unexpected_keys
-    assert set(result.missing_keys) <= set(report.missing) | {m.key for m in report.mismatched if m.action == "skipped"}
+    assert set(result.missing_keys) <= set(report.missing) | set(report.tied) | {
+        m.key for m in report.mismatched if m.action == "skipped"}
     if low_memory:
         still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
         if still_meta:
             raise NeedsNormalBuild(f"{len(still_meta)} tensors stayed on the meta device, e.g. {still_meta[0]}")
+
+
+def fill_tied_twins(ties: list[list[str]], to_load: dict[str, torch.Tensor], mismatched: dict, report: LoadReport) -> None:
+    """A tied key the checkpoint does not hold by name is loaded through its twin (`report.tied`);
+    twins the checkpoint holds with different values are a warning (the model keeps one tensor)."""
+    for group in ties:
+        present = [k for k in group if k in to_load]
+        if not present:
+            continue
+        source = present[0]
+        differing = [k for k in present[1:] if not torch.equal(to_load[k], to_load[source])]
+        if differing:
+            report.warnings.append(
+                f"tied keys {source} and {', '.join(differing)} are one tensor in the model but differ in the "
+                f"checkpoint: the model holds the values of {present[-1]}")
+        for key in group:
+            if key not in to_load and key not in mismatched:
+                to_load[key] = to_load[source]
+                report.tied[key] = source
 
 
 def declare_by_edits(report: LoadReport, edits: Sequence[AppliedEdit]) -> None:

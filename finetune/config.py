@@ -159,6 +159,7 @@ class DataConfig:
     pin_memory: bool = False
     persistent_workers: bool = False
     collate: Any = None  # {_target_: ...} returning a collate_fn(list of samples) -> batch; null: torch's default
+    skip_bad_samples: bool = False  # an unreadable sample (corrupt image): false stops naming the file; true skips and counts it
     tokenizer: Optional[str] = None  # text data: a tokenizer directory or tokenizer.json, for configs to interpolate
     max_length: Optional[int] = None  # text data: tokens per sequence, for configs to interpolate
 

@@ -126,23 +126,25 @@ class CheckedSamples(Dataset):
     `data.skip_bad_samples`, a warning and the next readable sample in its place, counted across
     loader workers in `skipped`."""
 
-    def __init__(self, dataset: Dataset, split: str, skip: bool):
+    def __init__(self, dataset: Dataset, split: str, skip: bool, workers: int = 0):
         import multiprocessing
 
         self.dataset, self.split, self.skip = dataset, split, skip
-        self._skipped = multiprocessing.get_context().Value("q", 0)  # shared with loader workers
+        # The count crosses loader worker processes only through shared memory (a lock-guarded value).
+        self._skipped = multiprocessing.get_context().Value("q", 0) if skip and workers else None
+        self._skipped_here = 0
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getattr__(self, name: str):  # `classes`, `samples`, ... of the wrapped dataset
-        if name.startswith("__") or name in ("dataset", "split", "skip", "_skipped"):
+        if name.startswith("__") or name in ("dataset", "split", "skip", "_skipped", "_skipped_here"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
     @property
     def skipped(self) -> int:
-        return self._skipped.value
+        return self._skipped.value if self._skipped is not None else self._skipped_here
 
     def __getitem__(self, index: int):
         for attempt in range(len(self.dataset)):
@@ -159,8 +161,11 @@ class CheckedSamples(Dataset):
                         "replace or delete the file (a download or copy that was cut short is the usual cause); "
                         "or set data.skip_bad_samples=true to train without unreadable samples (they are counted)",
                     ) from exc
-                with self._skipped.get_lock():
-                    self._skipped.value += 1
+                if self._skipped is None:
+                    self._skipped_here += 1
+                else:
+                    with self._skipped.get_lock():
+                        self._skipped.value += 1
                 log.warning("data.%s: skipped %s (%s; data.skip_bad_samples)", self.split, sample_source(self.dataset, current), reason)
         raise SampleError(f"data.{self.split}: no sample can be read.", "check the data path and the files' format")
 
@@ -217,8 +222,8 @@ def build_loaders(data_cfg, seed: int, pin_memory: bool, rank: int = 0,
     train_set = build_dataset(data_cfg.train, "train")
     val_set = build_dataset(data_cfg.val, "val")
     check_same_classes(train_set, val_set)
-    train_set = CheckedSamples(train_set, "train", data_cfg.skip_bad_samples)
-    val_set = CheckedSamples(val_set, "val", data_cfg.skip_bad_samples)
+    train_set = CheckedSamples(train_set, "train", data_cfg.skip_bad_samples, data_cfg.num_workers)
+    val_set = CheckedSamples(val_set, "val", data_cfg.skip_bad_samples, data_cfg.num_workers)
     sampler = EpochSampler(len(train_set), seed, rank=rank, world_size=world_size)
     common = dict(
         batch_size=data_cfg.batch_size,

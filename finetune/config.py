@@ -99,6 +99,9 @@ class ExpectConfig:
     # Fraction of the base model's parameters (not model.add's modules) that must load: below it the keys
     # do not line up and the run would train from scratch. 0 or null: no check.
     min_loaded: Optional[float] = 0.1
+    # Model keys whose checkpoint values may hold NaN/Inf (e.g. a -inf attention mask buffer); any
+    # other non-finite tensor in the checkpoint stops the run.
+    nonfinite: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -156,6 +159,7 @@ class DataConfig:
     pin_memory: bool = False
     persistent_workers: bool = False
     collate: Any = None  # {_target_: ...} returning a collate_fn(list of samples) -> batch; null: torch's default
+    skip_bad_samples: bool = False  # an unreadable sample (corrupt image): false stops naming the file; true skips and counts it
     tokenizer: Optional[str] = None  # text data: a tokenizer directory or tokenizer.json, for configs to interpolate
     max_length: Optional[int] = None  # text data: tokens per sequence, for configs to interpolate
 

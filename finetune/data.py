@@ -8,6 +8,7 @@ torch's DistributedSampler), so N ranks with batch B see the batches one process
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Iterator
 
@@ -18,6 +19,8 @@ from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from finetune.errors import ConfigError, FinetuneError
+
+log = logging.getLogger(__name__)
 
 
 class EpochSampler(Sampler[int]):
@@ -89,6 +92,112 @@ def build_dataset(spec, split: str) -> Dataset:
     return dataset
 
 
+class SampleError(FinetuneError):
+    """A sample that cannot be read (a corrupt or truncated image), naming its file."""
+
+    def __init__(self, problem: str, fix: str | None = None, group: str | None = "data"):
+        if fix is None and "Original Traceback" in problem:
+            # Re-raised by a DataLoader worker as SampleError(<its traceback text>): keep our own lines.
+            last = problem.rsplit(f"{type(self).__name__}: ", 1)[-1]
+            problem, _, fix = (part.strip() for part in last.partition("\n  fix: "))
+        super().__init__(problem, fix or None, group)
+
+
+def _unreadable(exc: BaseException) -> bool:
+    """What decoding a damaged file raises (PIL: OSError for a truncated file, UnidentifiedImageError,
+    SyntaxError for a broken PNG chunk, DecompressionBombError); a bug in a dataset is not this."""
+    return isinstance(exc, (OSError, SyntaxError, EOFError)) or type(exc).__name__ == "DecompressionBombError"
+
+
+def sample_source(dataset: Dataset, index: int) -> str:
+    """The file behind sample `index` where the dataset says (torchvision's `samples` / `imgs`,
+    through Subsets), else its index."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset, index = dataset.dataset, dataset.indices[index]
+    samples = getattr(dataset, "samples", None) or getattr(dataset, "imgs", None)
+    try:
+        return str(samples[index][0])
+    except (TypeError, IndexError, KeyError):
+        return f"sample {index}"
+
+
+class CheckedSamples(Dataset):
+    """A dataset whose unreadable samples name their file: an error (with the fix), or, with
+    `data.skip_bad_samples`, a warning and the next readable sample in its place, counted across
+    loader workers in `skipped`."""
+
+    def __init__(self, dataset: Dataset, split: str, skip: bool, workers: int = 0):
+        import multiprocessing
+
+        self.dataset, self.split, self.skip = dataset, split, skip
+        # The count crosses loader worker processes only through shared memory (a lock-guarded value).
+        self._skipped = multiprocessing.get_context().Value("q", 0) if skip and workers else None
+        self._skipped_here = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str):  # `classes`, `samples`, ... of the wrapped dataset
+        if name.startswith("__") or name in ("dataset", "split", "skip", "_skipped", "_skipped_here"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    @property
+    def skipped(self) -> int:
+        return self._skipped.value if self._skipped is not None else self._skipped_here
+
+    def __getitem__(self, index: int):
+        for attempt in range(len(self.dataset)):
+            current = (index + attempt) % len(self.dataset)
+            try:
+                return self.dataset[current]
+            except Exception as exc:
+                if not _unreadable(exc):
+                    raise
+                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                if not self.skip:
+                    raise SampleError(
+                        f"data.{self.split}: {sample_source(self.dataset, current)} cannot be read ({reason}).",
+                        "replace or delete the file (a download or copy that was cut short is the usual cause); "
+                        "or set data.skip_bad_samples=true to train without unreadable samples (they are counted)",
+                    ) from exc
+                if self._skipped is None:
+                    self._skipped_here += 1
+                else:
+                    with self._skipped.get_lock():
+                        self._skipped.value += 1
+                log.warning("data.%s: skipped %s (%s; data.skip_bad_samples)", self.split, sample_source(self.dataset, current), reason)
+        raise SampleError(f"data.{self.split}: no sample can be read.", "check the data path and the files' format")
+
+
+def class_names(dataset: Dataset) -> dict[str, int] | None:
+    """The dataset's class -> index map, where it has one (torchvision's `class_to_idx` or `classes`)."""
+    mapping = getattr(dataset, "class_to_idx", None)
+    if isinstance(mapping, dict):
+        return dict(mapping)
+    classes = getattr(dataset, "classes", None)
+    return {name: i for i, name in enumerate(classes)} if isinstance(classes, (list, tuple)) else None
+
+
+def check_same_classes(train_set: Dataset, val_set: Dataset) -> None:
+    """ImageFolder numbers classes by the sorted folder names of each split separately: a class
+    missing from one side shifts every label after it, silently (val acc reads 0.0)."""
+    train, val = class_names(train_set), class_names(val_set)
+    if train is None or val is None or train == val:
+        return
+    only_train, only_val = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+    sides = ([f"{', '.join(only_train)} only in data.train"] if only_train else []) + \
+            ([f"{', '.join(only_val)} only in data.val"] if only_val else [])
+    differs = "; ".join(sides) or "the same names numbered differently"
+    raise ConfigError(
+        f"data.train and data.val name different classes ({differs}): a label would mean one class in "
+        "training and another in validation.",
+        "give both splits the same class folders, each with at least one sample (or split one folder with "
+        "data=imagefolder_split)",
+        group="data",
+    )
+
+
 def build_collate(spec):
     """data.collate: a `_target_` that returns a collate_fn (samples -> batch); null: torch's default."""
     if spec is None:
@@ -112,6 +221,9 @@ def build_loaders(data_cfg, seed: int, pin_memory: bool, rank: int = 0,
     """`data.batch_size` is per process: under DDP the global batch is batch_size × world_size."""
     train_set = build_dataset(data_cfg.train, "train")
     val_set = build_dataset(data_cfg.val, "val")
+    check_same_classes(train_set, val_set)
+    train_set = CheckedSamples(train_set, "train", data_cfg.skip_bad_samples, data_cfg.num_workers)
+    val_set = CheckedSamples(val_set, "val", data_cfg.skip_bad_samples, data_cfg.num_workers)
     sampler = EpochSampler(len(train_set), seed, rank=rank, world_size=world_size)
     common = dict(
         batch_size=data_cfg.batch_size,

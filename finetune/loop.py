@@ -25,6 +25,7 @@ from finetune.console import tables
 from finetune.console.progress import format_metrics, progress_bar
 from finetune.distributed import SINGLE, StopVote, World
 from finetune.errors import TrainingError
+from finetune.finite import nonfinite_keys
 from finetune.model import pick_device, watch_edits
 from finetune.policy import unfreeze_due
 from finetune.run_files import write_trainability
@@ -235,6 +236,7 @@ def end_of_epoch(s: Session) -> None:
     p.final = {f"val/{k}": v for k, v in val.items()}
     s.metrics_log.log(p.epoch, p.step, "val", val)
     log.info("epoch %d/%d  step %d  %s", p.epoch, s.trainer.epochs, p.step, format_metrics(p.final))
+    check_weights_finite(s)
     monitored = p.final.get(s.monitor)
     if monitored is not None and is_better(monitored, p.best_value, s.mode):
         p.best_value, p.best_epoch = monitored, p.epoch
@@ -247,9 +249,25 @@ def end_of_epoch(s: Session) -> None:
 
 def save_checkpoint(s: Session) -> None:
     """checkpoints/last.pt: called on every rank (each rank's RNG goes into the file); rank 0 writes."""
+    check_weights_finite(s)
     rngs = s.world.gather(rng_state())
     if s.world.is_main:
         save_training_state(s.run_dir / LAST, s.training_state(rngs))
+
+
+def check_weights_finite(s: Session) -> None:
+    """Before any weights are written: parameters and buffers (BatchNorm statistics included) hold
+    numbers. Every rank holds the same values, so every rank stops here together."""
+    bad = nonfinite_keys(s.model.state_dict())
+    if bad:
+        p = s.progress
+        shown = ", ".join(bad[:8]) + (f", ... ({len(bad)} in all)" if len(bad) > 8 else "")
+        raise TrainingError(
+            f"the model holds NaN or Inf at step {p.step} (epoch {p.epoch}) in {shown}; stopped before writing them.",
+            "if a buffer (e.g. a BatchNorm running_var) is the only one, it came that way from the checkpoint or the "
+            "data: check both; otherwise lower optim.optimizer.lr or set trainer.clip_grad_norm. The last good "
+            "checkpoint, if any, is checkpoints/last.pt",
+        )
 
 
 # ---- policy over time --------------------------------------------------------------------------

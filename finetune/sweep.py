@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import sys
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
+
+log = logging.getLogger(__name__)
 
 FIELDS = ["job", "overrides", "status", "metric", "best", "best_epoch", "wall_s", "threads", "run_dir", "error"]
 FAILED = ("failed", "missing", "unreadable", "interrupted")
@@ -60,15 +63,13 @@ def completed_result(run_dir: Path, cfg) -> float | None:
         summary = json.loads(summary_file.read_text())
     except (OSError, ValueError):
         return None
-    if summary.get("status") != "completed" or not weights.is_file():
+    if summary.get("status") != "completed":
         return None
     from omegaconf import OmegaConf
-    from safetensors import safe_open
 
     from finetune.errors import RunDirError
 
-    with safe_open(str(weights), framework="pt") as f:
-        saved = (f.metadata() or {}).get("config")
+    saved = saved_config(run_dir)  # raises DamagedRun
     if saved != OmegaConf.to_yaml(cfg, resolve=True):
         raise RunDirError(
             f"{run_dir} holds a completed run of a different config: it is not overwritten.",
@@ -76,6 +77,28 @@ def completed_result(run_dir: Path, cfg) -> float | None:
         )
     best = summary.get("best") or {}
     return best.get("value")
+
+
+class DamagedRun(Exception):
+    """A job directory whose summary says completed but whose weights cannot be read."""
+
+
+def saved_config(run_dir: Path) -> str | None:
+    """The resolved config a completed run stored in its model.safetensors (header only)."""
+    from finetune.checkpoint.read import safetensors_header
+    from finetune.errors import FinetuneError
+
+    weights = run_dir / "model.safetensors"
+    if not weights.is_file():
+        raise DamagedRun("completed, but model.safetensors is missing")
+    try:
+        header, _ = safetensors_header(weights)
+    except FinetuneError as exc:
+        raise DamagedRun(f"completed, but model.safetensors is damaged ({exc.problem.replace(str(weights), 'the file')})") from None
+    return (header.get("__metadata__") or {}).get("config")
+
+
+DAMAGED_FIX = "delete this job's directory and rerun the sweep to run it again"
 
 
 # ---- the summary ---------------------------------------------------------------------------------
@@ -102,6 +125,11 @@ def job_row(job_dir: Path) -> dict:
         return {**row, "status": "unreadable", "error": "summary.json is not valid JSON"}
     best = summary.get("best") or {}
     error = summary.get("error") or ""
+    if summary.get("status") == "completed":
+        try:
+            saved_config(job_dir)
+        except DamagedRun as exc:
+            return {**row, "status": "failed", "error": f"{exc}: {DAMAGED_FIX}"}
     return {**row, "status": summary.get("status"), "metric": best.get("metric", ""), "best": best.get("value", ""),
             "best_epoch": best.get("epoch", ""), "wall_s": summary.get("wall_s", ""),
             "threads": summary.get("torch_threads", ""), "error": error.splitlines()[0] if error else ""}
@@ -242,17 +270,29 @@ class SweepSummaryCallback(Callback):
 
         if config.hydra.mode != RunMode.MULTIRUN:
             return
+        from finetune.errors import FinetuneError
+
         sweep_dir = Path(config.hydra.sweep.dir)
         if sweep_dir.is_dir():
-            with SummaryLock(sweep_dir):
-                write_sweep_summary(sweep_dir, plot=False)
+            try:
+                with SummaryLock(sweep_dir):
+                    write_sweep_summary(sweep_dir, plot=False)
+            except FinetuneError as exc:  # best effort between jobs: the end of the sweep must succeed
+                log.warning("sweep summary not refreshed after this job: %s", exc.problem)
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        from finetune.console.messages import report_error
+        from finetune.errors import FinetuneError
+
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
             return
-        with SummaryLock(sweep_dir):
-            rows, best = write_sweep_summary(sweep_dir)
+        try:
+            with SummaryLock(sweep_dir):
+                rows, best = write_sweep_summary(sweep_dir)
+        except FinetuneError as exc:  # a full disk: the sweep has no summary, so it did not succeed
+            report_error(exc)
+            sys.exit(exc.exit_code)
         print_summary(rows, best, sweep_dir)
         if any(r["status"] in FAILED for r in rows):
             sys.exit(1)

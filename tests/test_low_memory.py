@@ -117,3 +117,20 @@ def test_low_memory_dry_run_stays_light(tiny_ckpts, tmp_path, cli_env):
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"torch._dynamo": False, "sympy": False}
     assert json.loads((tmp_path / "run" / "load_report.json").read_text())["init"] == "reset_parameters"
+
+
+def test_checkpoint_tensors_sharing_storage_become_independent_parameters(tiny_cfg, tiny_ckpts, tmp_path):
+    """A torch file can make two tensors views of one storage (torch.save keeps sharing). Assigned as
+    they are, two untied parameters would alias: a step on one would move the other."""
+    shared = torch.randn(2, 16, 16)  # layer2's weight and bias: views of one storage
+    path = tmp_path / "aliasing.pt"
+    torch.save({**tiny_ckpts.state_dict, "layer2.0.weight": shared[0], "layer2.0.bias": shared[1, 0]}, path)
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["layer2.0.weight"].untyped_storage().data_ptr() == loaded["layer2.0.bias"].untyped_storage().data_ptr()
+    model, _, report = build_and_load_low_memory(tiny_cfg("checkpoint.low_memory=true", ckpt=path))
+    assert report is not None and "layer2.0.bias" in report.loaded
+    weight, bias = model.layer2[0].weight, model.layer2[0].bias
+    assert weight.untyped_storage().data_ptr() != bias.untyped_storage().data_ptr()
+    with torch.no_grad():
+        weight.zero_()
+    assert torch.equal(bias, shared[1, 0])

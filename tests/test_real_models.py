@@ -333,11 +333,6 @@ def test_a_tied_key_saved_under_either_name_loads_into_both(gpt2_checkpoints, sa
     assert torch.equal(model.transformer.wte.weight.detach(), expected)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "finetune/checkpoint/load.py match_and_load accounts for state_dict keys one by one: the tied key the "
-    "checkpoint does not hold by name (lm_head.weight after save_pretrained, or transformer.wte.weight) is "
-    "listed as missing and its parameter's source as new, although loading its twin filled it; "
-    "checkpoint.expect.missing: [] then fails the run"))
 @pytest.mark.parametrize("saved_as", ["transformer.wte.weight", "lm_head.weight"])
 def test_the_load_report_counts_a_tied_key_as_loaded(gpt2_checkpoints, saved_as, tmp_path):
     from finetune.run import run
@@ -350,11 +345,6 @@ def test_the_load_report_counts_a_tied_key_as_loaded(gpt2_checkpoints, saved_as,
     assert params["transformer.wte.weight"]["source"] == "checkpoint"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "with checkpoint.low_memory the model is built on the meta device and loaded with assign=True: "
-    "finetune/checkpoint/load.py materialize_new re-creates the 'missing' lm_head.weight with "
-    "reset_parameters() (a random init), and the assigned transformer.wte.weight is a new Parameter, so "
-    "the tie is broken: the output head is random and trains apart from the embedding"))
 def test_low_memory_loading_keeps_tied_embeddings_tied(gpt2_checkpoints):
     from finetune.run import build_and_load_low_memory
 

@@ -71,6 +71,11 @@ def test_summary_of_jobs_that_failed_or_never_finished(tmp_path):
         (d / ".hydra" / "config.yaml").write_text(f"trainer:\n  mode: {mode}\n")
         if summary is not None:
             (d / "summary.json").write_text(json.dumps(summary))
+        if summary is not None and summary["status"] == "completed":  # a completed run has its weights
+            import torch
+            from safetensors.torch import save_file
+
+            save_file({"w": torch.zeros(1)}, str(d / "model.safetensors"))
 
     ok = {"status": "completed", "best": {"metric": "val/acc", "value": 0.5, "epoch": 2}, "wall_s": 1.0, "torch_threads": 1}
     job("0", ["optim.optimizer.lr=0.001"], ok)

@@ -15,6 +15,8 @@ from finetune.checkpoint.remap import dominant_prefix, map_keys, suggest_rules
 from finetune.checkpoint.report import LoadReport, Mismatch
 from finetune.config import ShapePolicy
 from finetune.errors import CheckpointError, ConfigError
+from finetune.finite import count_nonfinite, nonfinite_keys
+from finetune.storage import retie, tied_keys, unshared
 from finetune.matching import glob_matches, require_matches
 from finetune.model import AppliedEdit, base_param_names
 
@@ -149,6 +151,10 @@ def match_and_load(model: nn.Module, checkpoint: dict[str, torch.Tensor], names:
             report.casts[name] = f"{str(tensor.dtype).removeprefix('torch.')}->{str(fresh.dtype).removeprefix('torch.')}"
             tensor = tensor.to(fresh.dtype)
         to_load[name] = tensor
+    # Before anything is assigned: a NaN or Inf brought in from the checkpoint is named now, not
+    # found in the saved weights of a "completed" run.
+    incoming = {**to_load, **to_adapt}
+    report.nonfinite = {name: count_nonfinite(incoming[name]) for name in nonfinite_keys(incoming)}
     if refused:
         shown = "\n    ".join(refused[:10]) + (f"\n    ... and {len(refused) - 10} more" if len(refused) > 10 else "")
         raise CheckpointError(
@@ -158,6 +164,8 @@ def match_and_load(model: nn.Module, checkpoint: dict[str, torch.Tensor], names:
             "checkpoint.shape_overrides=[{keys: 'head.*', action: skip}]; or drop the keys with checkpoint.ignore",
             group="checkpoint",
         )
+    ties = tied_keys(model)
+    fill_tied_twins(ties, to_load, mismatched, report)
     for key in model_sd:
         if key in mismatched:
             report.mismatched.append(mismatched[key])
@@ -171,15 +179,40 @@ def match_and_load(model: nn.Module, checkpoint: dict[str, torch.Tensor], names:
         model_sd = model.state_dict()
     for name, tensor in to_adapt.items():
         to_load[name], mismatched[name].detail = adapt_tensor(name, model_sd[name], tensor)
-    result = model.load_state_dict(to_load, strict=False, assign=low_memory)
+    # A tied twin is filled through its first name (one tensor). Assigned, a checkpoint's tensors that
+    # share storage would make parameters alias: each gets its own.
+    to_load = {k: v for k, v in to_load.items() if k not in report.tied}
+    result = model.load_state_dict(unshared(to_load) if low_memory else to_load, strict=False, assign=low_memory)
+    if low_memory:  # assign gave the first name a new Parameter: point its twins at it again
+        retie(model, ties)
     # Our accounting must agree with PyTorch's: a disagreement is a bug, not a user error.
     # (PyTorch never lists BatchNorm's num_batches_tracked as missing; we do: it is a state_dict key.)
     assert not result.unexpected_keys, result.unexpected_keys
-    assert set(result.missing_keys) <= set(report.missing) | {m.key for m in report.mismatched if m.action == "skipped"}
+    assert set(result.missing_keys) <= set(report.missing) | set(report.tied) | {
+        m.key for m in report.mismatched if m.action == "skipped"}
     if low_memory:
         still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
         if still_meta:
             raise NeedsNormalBuild(f"{len(still_meta)} tensors stayed on the meta device, e.g. {still_meta[0]}")
+
+
+def fill_tied_twins(ties: list[list[str]], to_load: dict[str, torch.Tensor], mismatched: dict, report: LoadReport) -> None:
+    """A tied key the checkpoint does not hold by name is loaded through its twin (`report.tied`);
+    twins the checkpoint holds with different values are a warning (the model keeps one tensor)."""
+    for group in ties:
+        present = [k for k in group if k in to_load]
+        if not present:
+            continue
+        source = present[0]
+        differing = [k for k in present[1:] if not torch.equal(to_load[k], to_load[source])]
+        if differing:
+            report.warnings.append(
+                f"tied keys {source} and {', '.join(differing)} are one tensor in the model but differ in the "
+                f"checkpoint: the model holds the values of {present[-1]}")
+        for key in group:
+            if key not in to_load and key not in mismatched:
+                to_load[key] = to_load[source]
+                report.tied[key] = source
 
 
 def declare_by_edits(report: LoadReport, edits: Sequence[AppliedEdit]) -> None:
@@ -238,12 +271,28 @@ def check_min_loaded(report: LoadReport, min_loaded: float | None, model: nn.Mod
     )
 
 
+def check_finite(report: LoadReport, allowed: Sequence[str], model_keys: Sequence[str]) -> None:
+    """Checkpoint tensors holding NaN or Inf stop the run unless `checkpoint.expect.nonfinite` names them."""
+    require_matches(allowed, model_keys, "checkpoint.expect.nonfinite", what="model key", error=CheckpointError)
+    bad = [k for k in report.nonfinite if not any(glob_matches(g, k) for g in allowed)]
+    if bad:
+        shown = ", ".join(f"{k} ({report.nonfinite[k]} values)" for k in bad[:8]) + (f", ... ({len(bad)} in all)" if len(bad) > 8 else "")
+        raise CheckpointError(
+            f"{len(bad)} checkpoint tensor(s) hold NaN or Inf: {shown}. Loaded, they would train into (or be saved "
+            "as) weights that are not numbers.",
+            "the checkpoint is damaged or was saved after training diverged: use an earlier one; if the values are "
+            "meant to be there (e.g. a -inf attention mask), declare the keys in checkpoint.expect.nonfinite",
+            group="checkpoint",
+        )
+
+
 def check_expectations(report: LoadReport, expect, model: nn.Module, edits: Sequence[AppliedEdit] = ()) -> None:
     """The declared differences: `min_loaded` first (when nothing lines up, that is the cause), then
     `expect.missing` / `expect.unexpected` (each a list of globs: exactly these may differ, beside
     what the `model.add` ops declare); undeclared differences without a list are a warning."""
     check_min_loaded(report, expect.min_loaded, model, edits)
     model_keys = list(model.state_dict())
+    check_finite(report, expect.nonfinite, model_keys)
     for field_name, keys in (("missing", report.missing), ("unexpected", report.unexpected)):
         globs = getattr(expect, field_name)
         if globs is None:

@@ -38,6 +38,8 @@ class LoadReport:
     init: str = "constructor"  # how new parameters were initialised
     suggestions: list[RemapSuggestion] = field(default_factory=list)  # verified: each makes `keys` more keys load
     declared: dict[str, str] = field(default_factory=dict)  # missing/unexpected key -> the model.add op declaring it
+    tied: dict[str, str] = field(default_factory=dict)  # tied key loaded through its twin -> that twin
+    nonfinite: dict[str, int] = field(default_factory=dict)  # loaded/adapted key -> how many NaN/Inf values it holds
     warnings: list[str] = field(default_factory=list)
 
     @property

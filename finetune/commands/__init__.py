@@ -6,20 +6,9 @@ one message and an exit code. Nothing imports a command.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-from finetune.errors import FinetuneError
-
-
-def report_error(exc: FinetuneError, origin: str | None = None) -> None:
-    """A user error as the commands print it: the problem, then the fix (then, for an error about a
-    declaration, where the config group holding it came from)."""
-    print(f"finetune: error: {exc.problem}", file=sys.stderr)
-    if exc.fix:
-        print(f"  fix: {exc.fix}", file=sys.stderr)
-    if origin:
-        print(f"  declared in: {origin}", file=sys.stderr)
+from finetune.console.messages import report_error  # noqa: F401  (the commands' one way to print a user error)
 
 
 def config_origin(group: str | None) -> str | None:

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import hydra
@@ -29,6 +30,12 @@ from finetune.errors import ConfigError, FinetuneError
 from finetune.paths import config_dir
 
 log = logging.getLogger("finetune")
+
+# conf/hydra/launcher/joblib.yaml takes the name of the joblib plugin's own config on purpose (so
+# hydra/launcher=joblib is the launcher that survives a job's hard death); Hydra warns about the shared
+# name on every config load, in the launcher's workers too (they import this module with the task).
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/joblib' is validated against ConfigStore schema",
+                        category=UserWarning)
 traceback_log = logging.getLogger("finetune.traceback")  # job_logging sends it to the run's log file only
 
 
@@ -43,7 +50,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         distributed.announce_run_dir(str(run_dir.resolve()))  # the other ranks wait for it in main()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     if multirun:
-        from finetune.sweep import completed_result, limit_threads
+        from finetune.sweep import DAMAGED_FIX, DamagedRun, completed_result, limit_threads
 
         limit_threads(hydra_cfg.launcher)
         try:
@@ -51,6 +58,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         except FinetuneError as exc:  # the sweep dir holds another sweep: stop before touching it
             report_error(exc)
             sys.exit(exc.exit_code)
+        except DamagedRun as exc:  # the job failed; its files stay as they are, its row says why
+            log.error("job %s in %s: %s; %s", hydra_cfg.job.num, run_dir, exc, DAMAGED_FIX)
+            return float("nan")
         if done is not None:  # a rerun of the sweep: this job finished before
             log.info("job %s already completed in %s: skipped", hydra_cfg.job.num, run_dir)
             return done

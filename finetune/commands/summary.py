@@ -8,6 +8,8 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    from finetune.commands import report_error
+    from finetune.errors import FinetuneError
     from finetune.sweep import SummaryLock, job_dirs, print_summary, write_sweep_summary
 
     parser = argparse.ArgumentParser(
@@ -23,8 +25,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"finetune-summary: error: {args.sweep_dir} holds no job directories (none with a .hydra/ inside).\n"
               "  fix: pass the sweep directory itself (the one holding multirun.yaml and 0/, 1/, ...)", file=sys.stderr)
         return 2
-    with SummaryLock(args.sweep_dir):
-        rows, best = write_sweep_summary(args.sweep_dir)
+    try:
+        with SummaryLock(args.sweep_dir):
+            rows, best = write_sweep_summary(args.sweep_dir)
+    except FinetuneError as exc:  # a full disk, a read-only directory
+        report_error(exc, prog="finetune-summary")
+        return exc.exit_code
     print_summary(rows, best, args.sweep_dir)
     return 0
 

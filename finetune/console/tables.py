@@ -174,6 +174,10 @@ def format_load_report(report: LoadReport) -> str:
     for s in report.suggestions:
         lines.append(f"  suggestion (verified): remap rule {{pattern: '{s.pattern}', replace: '{s.replace}'}} "
                      f"makes {s.keys} more checkpoint key{'s' if s.keys != 1 else ''} load")
+    for key, twin in report.tied.items():
+        lines.append(f"  tied: {key} is {twin} in the model, loaded through it")
+    if report.nonfinite:
+        lines.append("  non-finite (NaN/Inf) values in: " + ", ".join(f"{k} ({n})" for k, n in report.nonfinite.items()))
     for w in report.warnings:
         lines.append(f"  warning: {w}")
     return "\n".join(lines)

@@ -255,3 +255,11 @@ class CountCalls(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         return x * self.scale
+
+
+def abort_process(**_kwargs):
+    """A model factory that kills its own process the hard way (SIGABRT): a job that dies as on a
+    segfault or an out-of-memory kill, leaving no Python exception and no summary.json behind."""
+    import os
+
+    os.abort()

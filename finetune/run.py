@@ -220,6 +220,9 @@ def finish(s, status: str, stop, started: float) -> dict:
             save_weights(run_dir / "model.safetensors", s.model.state_dict(), s.provenance)
         plot_curves(s)
     extra = {"signal": stop.received, "exit_code": stop.exit_code} if stop.received else {}
+    if s.cfg.data.skip_bad_samples:
+        extra["skipped_samples"] = s.train_loader.dataset.skipped + s.val_loader.dataset.skipped
+        log.info("data.skip_bad_samples: %d unreadable sample(s) skipped (this process)", extra["skipped_samples"])
     summary = Summary.of_training(status, s.progress, time.perf_counter() - started, s.monitor, s.mode, world.size,
                                   s.resumed_from, ranks_in_sync=in_sync, **extra)
     return summary.write(run_dir) if world.is_main else summary.to_json()

@@ -37,6 +37,7 @@ class Summary:
     throughput: dict = field(default_factory=lambda: {"train_samples_per_s": None})
     torch_threads: int = field(default_factory=torch.get_num_threads)
     skipped_nonfinite: int | None = None  # batches skipped under trainer.skip_nonfinite (training runs)
+    skipped_samples: int | None = None  # unreadable samples skipped under data.skip_bad_samples (when on)
     error: str | None = None
     signal: str | None = None
     exit_code: int | None = None
@@ -64,7 +65,7 @@ class Summary:
     def to_json(self) -> dict:
         out = asdict(self)
         out["wall_s"] = round(self.wall_s, 3)
-        for optional in ("resume_changes", "skipped_nonfinite", "error", "signal", "exit_code"):
+        for optional in ("resume_changes", "skipped_nonfinite", "skipped_samples", "error", "signal", "exit_code"):
             if out[optional] is None:
                 del out[optional]
         return out

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from finetune.errors import CheckpointError, TrainingError
+from finetune.storage import unshared
 
 LAST = Path("checkpoints") / "last.pt"
 _UMASK = os.umask(0)
@@ -213,20 +214,6 @@ def check_training_state(path: Path, state: Any) -> None:
 
 def first_line(exc: BaseException) -> str:
     return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-
-
-def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors that share memory (tied weights: an LM's input embedding and
-    output projection). Every name keeps its own copy, so the file still loads with strict=True,
-    and loading it into the tied model writes the same values into the one tensor."""
-    seen: set[int] = set()
-    out = {}
-    for key, tensor in tensors.items():
-        storage = tensor.untyped_storage().data_ptr() if tensor.numel() else None
-        out[key] = tensor.clone() if storage in seen else tensor
-        if storage is not None:
-            seen.add(storage)
-    return out
 
 
 def save_weights(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

@@ -90,3 +90,21 @@ def test_the_command_names_the_missing_class(cli, tmp_path):
     assert result.stderr.count("finetune: error:") == 1 and "Traceback" not in result.stderr
     assert "three_corners only in data.train" in result.stderr
     assert "declared in: data=imagefolder" in result.stderr
+
+
+def test_a_run_records_the_samples_it_skipped(compose, tmp_path):
+    """summary.json `skipped_samples`: what data.skip_bad_samples skipped, for a real run."""
+    import json
+
+    from finetune.run import run
+
+    root = image_folders(tmp_path / "data", train=["a", "b", "c"], val=["a", "b", "c"], per_class=4)
+    png(root / "train" / "c" / "2.png", cut=True)
+    png(root / "val" / "a" / "0.png", cut=True)
+    cfg = compose(["model=demo", "checkpoint.path=null", "data=imagefolder", f"data.root={root}", "data.batch_size=4",
+                   "data.num_workers=0", "data.skip_bad_samples=true", "data.train.transform.transforms.0.size=16",
+                   "data.val.transform.transforms.0.size=16", "data.val.transform.transforms.1.size=16",
+                   "trainer.epochs=1", "trainer.progress=false"])
+    summary = run(cfg, tmp_path / "run")
+    assert summary["status"] == "completed" and summary["skipped_samples"] == 2
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["skipped_samples"] == 2

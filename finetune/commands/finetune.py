@@ -76,6 +76,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             print(f"[rank{world.rank}] ", end="", file=sys.stderr)
         report_error(exc, config_origin(exc.group))
         if multirun:
+            if getattr(exc, "run_dir_untouched", False):  # refused before it wrote: the directory is another run's
+                return float("nan")
             return job_failed(run_dir, started, str(exc))
         sys.exit(exc.exit_code)
     except Exception as exc:  # not the user's input: a bug, or user code (a model's forward) raising

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from finetune.errors import AuditError
-from finetune.matching import glob_matches
+from finetune.matching import glob_matches, listed
 from finetune.policy import TrainPlan
 
 
@@ -56,9 +56,6 @@ class GradAudit:
     def to_json(self) -> dict:
         return asdict(self)
 
-
-def _shown(names: list[str]) -> str:
-    return ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
 
 
 def _grad_norms(grads: list[torch.Tensor]) -> list[float]:
@@ -109,7 +106,7 @@ def audit_gradients(model: nn.Module, allow_no_grad: list[str], audit: GradAudit
         audit.grad_flow_ok = None if audit.zero_grad_pending else True
     if audit.no_grad:
         raise AuditError(
-            f"{len(audit.no_grad)} trainable parameter(s) received no gradient {when}: {_shown(audit.no_grad)}",
+            f"{len(audit.no_grad)} trainable parameter(s) received no gradient {when}: {listed(audit.no_grad, 10)}",
             "the module is probably never used in forward() (created in __init__ but not called), or its "
             "output does not reach the loss; wire it in, freeze it, or declare it in policy.allow_no_grad",
         )
@@ -127,7 +124,7 @@ def audit_gradients(model: nn.Module, allow_no_grad: list[str], audit: GradAudit
         log.warning("gradient audit: %d trainable tensor(s) have a gradient that is exactly zero on the dry run's "
                     "batches; re-checked over the first training steps (a zero-initialised path, e.g. a zero gate "
                     "or a zero-init norm weight, opens after an optimizer step): %s%s",
-                    len(audit.zero_grad), _shown(audit.zero_grad), exempt)
+                    len(audit.zero_grad), listed(audit.zero_grad, 10), exempt)
     else:
         log.info("gradient audit: %d trainable tensors received a finite gradient on step 1; %d of them exactly zero "
                  "(a zero-initialised path?), re-checked after each optimizer step until non-zero (at most %d steps)%s",
@@ -162,7 +159,7 @@ def recheck_zero_gradients(model: nn.Module, audit: GradAudit, step: int) -> boo
         stuck = audit.zero_grad_pending
         raise AuditError(
             f"{len(stuck)} trainable parameter(s) have a gradient that is present but exactly zero on each of the "
-            f"first {step} optimizer steps: {_shown(stuck)}. They are in the graph, but blocked: a zero-initialised "
+            f"first {step} optimizer steps: {listed(stuck, 10)}. They are in the graph, but blocked: a zero-initialised "
             "or zero-gated path (a gate, scale or projection at 0) that never opened, or a dead activation",
             "initialise the gate/scale non-zero and check the module's init (a zero weight upstream of it stays "
             "zero if its own gradient is zero too), or declare them in policy.allow_no_grad",
@@ -176,7 +173,7 @@ def report_unsettled(audit: GradAudit, steps: int) -> None:
     if audit.zero_grad_pending:
         log.warning("gradient audit: training ended after %d optimizer step(s), before the %d-step re-check: %d "
                     "trainable tensor(s) still have an exactly-zero gradient: %s", steps,
-                    audit.zero_grad_steps, len(audit.zero_grad_pending), _shown(audit.zero_grad_pending))
+                    audit.zero_grad_steps, len(audit.zero_grad_pending), listed(audit.zero_grad_pending, 10))
 
 
 def frozen_tensors(model: nn.Module, plan: TrainPlan) -> dict[str, torch.Tensor]:

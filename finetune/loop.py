@@ -26,6 +26,7 @@ from finetune.console.progress import format_metrics, progress_bar
 from finetune.distributed import SINGLE, StopVote, World
 from finetune.errors import TrainingError
 from finetune.finite import nonfinite_keys
+from finetune.matching import listed
 from finetune.model import pick_device, watch_edits
 from finetune.policy import unfreeze_due
 from finetune.run_files import write_trainability
@@ -261,9 +262,8 @@ def check_weights_finite(s: Session) -> None:
     bad = nonfinite_keys(s.model.state_dict())
     if bad:
         p = s.progress
-        shown = ", ".join(bad[:8]) + (f", ... ({len(bad)} in all)" if len(bad) > 8 else "")
         raise TrainingError(
-            f"the model holds NaN or Inf at step {p.step} (epoch {p.epoch}) in {shown}; stopped before writing them.",
+            f"the model holds NaN or Inf at step {p.step} (epoch {p.epoch}) in {listed(bad)}; stopped before writing them.",
             "if a buffer (e.g. a BatchNorm running_var) is the only one, it came that way from the checkpoint or the "
             "data: check both; otherwise lower optim.optimizer.lr or set trainer.clip_grad_norm. The last good "
             "checkpoint, if any, is checkpoints/last.pt",

@@ -45,6 +45,12 @@ def closest_names(query: str, names: Sequence[str], n: int = 3) -> list[str]:
     return close
 
 
+def listed(names: Sequence[str], limit: int = 8) -> str:
+    """Names for a message: the first `limit`, then how many there are in all."""
+    names = list(names)
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
 def no_match_hint(query: str, names: Sequence[str], what: str) -> str:
     close = closest_names(query, names)
     if close:

@@ -17,7 +17,7 @@ from finetune.config import ShapePolicy
 from finetune.errors import CheckpointError, ConfigError
 from finetune.finite import count_nonfinite, nonfinite_keys
 from finetune.storage import retie, tied_keys, unshared
-from finetune.matching import glob_matches, require_matches
+from finetune.matching import glob_matches, listed, require_matches
 from finetune.model import AppliedEdit, base_param_names
 
 log = logging.getLogger(__name__)
@@ -276,7 +276,7 @@ def check_finite(report: LoadReport, allowed: Sequence[str], model_keys: Sequenc
     require_matches(allowed, model_keys, "checkpoint.expect.nonfinite", what="model key", error=CheckpointError)
     bad = [k for k in report.nonfinite if not any(glob_matches(g, k) for g in allowed)]
     if bad:
-        shown = ", ".join(f"{k} ({report.nonfinite[k]} values)" for k in bad[:8]) + (f", ... ({len(bad)} in all)" if len(bad) > 8 else "")
+        shown = listed([f"{k} ({report.nonfinite[k]} values)" for k in bad])
         raise CheckpointError(
             f"{len(bad)} checkpoint tensor(s) hold NaN or Inf: {shown}. Loaded, they would train into (or be saved "
             "as) weights that are not numbers.",
@@ -301,7 +301,7 @@ def check_expectations(report: LoadReport, expect, model: nn.Module, edits: Sequ
             require_matches(globs, model_keys, "checkpoint.expect.missing", what="model key", error=CheckpointError)
         surprises = _undeclared(keys, globs, report.declared)
         if surprises:
-            shown = ", ".join(surprises[:8]) + (f", ... ({len(surprises)} in all)" if len(surprises) > 8 else "")
+            shown = listed(surprises)
             suggested = _suggested_fix(report)
             raise CheckpointError(
                 f"{len(surprises)} {field_name} key(s) not declared in checkpoint.expect.{field_name}: {shown}",

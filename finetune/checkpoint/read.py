@@ -27,6 +27,7 @@ from typing import Any, BinaryIO, Iterator, Mapping
 import torch
 
 from finetune.errors import CheckpointError
+from finetune.matching import listed
 
 # Entries that hold the weights in common training checkpoints, in order of preference.
 _WEIGHT_ENTRIES = ("state_dict", "model", "module", "model_state_dict", "model_state", "net", "network")
@@ -473,7 +474,7 @@ def _directory_shards(directory: Path) -> list[Path]:
     shards = sorted(directory.glob("*.safetensors"))
     if not shards:
         held = sorted(p.name for p in directory.iterdir())
-        shown = ", ".join(held[:8]) + (f", ... ({len(held)} in all)" if len(held) > 8 else "") if held else "nothing"
+        shown = listed(held) if held else "nothing"
         raise CheckpointError(
             f"checkpoint directory {directory} has no shard index (*.index.json) and no *.safetensors file; it holds: {shown}.",
             "point checkpoint.path at the checkpoint file itself, or put the index that names the shards "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -28,8 +29,11 @@ BEST = Path("checkpoints") / "best.safetensors"
 @contextmanager
 def atomic_path(path: Path):
     """Yield a temp path beside `path`; on success fsync it and rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # a read-only or full file system fails here already
+        raise write_error(path, exc) from exc
     os.close(fd)
     try:
         yield Path(tmp)
@@ -43,15 +47,26 @@ def atomic_path(path: Path):
         finally:
             os.close(dir_fd)
     except (OSError, RuntimeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
-        free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
-        raise TrainingError(
-            f"could not write {path}: {reason} ({free / 2**20:.1f} MiB free there); the previous version, if any, is intact.",
-            "free disk space or fix the permissions of the run directory, then rerun the same command to resume",
-        ) from exc
+        raise write_error(path, exc) from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_error(path: Path, exc: BaseException) -> TrainingError:
+    """Why `path` could not be written, blaming the disk or the permissions only when the errno says so."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
+    kept = "the previous version, if any, is intact"
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
+        return TrainingError(f"could not write {path}: {reason} ({free / 2**20:.1f} MiB free there); {kept}.",
+                             "free disk space, then rerun the same command (a run resumes from its last checkpoint)")
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return TrainingError(f"could not write {path}: {reason}; {kept}.",
+                             f"make {path.parent} writable for this user, then rerun the same command")
+    return TrainingError(f"could not write {path}: {reason}; {kept}.",
+                         "the reason above is the writer's own; fix it, then rerun the same command")
 
 
 def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:

@@ -581,3 +581,37 @@ def test_eval_of_a_run_without_a_recorded_digest_compares_the_config(finished_co
     saved.write_text(saved.read_text().replace("lr: 0.003", "lr: 0.1"))
     with pytest.raises(RunDirError, match=r"it was edited since the run; it differs at optim\.optimizer\.lr"):
         evaluate_run(finished_copy)
+
+
+@pytest.fixture
+def small_mount(tmp_path):
+    """Mount a 1 MiB tmpfs (root only) and yield a function that remounts it read-only."""
+    import subprocess
+
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_write_error_blames_the_disk_or_the_permissions_only_when_the_errno_says_so(small_mount):
+    """Real errors: ENOSPC from a full tmpfs, EROFS from the same tmpfs remounted read-only."""
+    import subprocess
+
+    from finetune.errors import TrainingError
+    from finetune.state import write_atomic
+
+    with pytest.raises(TrainingError) as full:
+        write_atomic(small_mount / "big.bin", lambda tmp: tmp.write_bytes(b"\0" * (2 * 2**20)))
+    assert "No space left on device" in full.value.problem and "MiB free there" in full.value.problem
+    assert full.value.fix.startswith("free disk space")
+    subprocess.run(["mount", "-o", "remount,ro", str(small_mount)], check=True)
+    with pytest.raises(TrainingError) as read_only:
+        write_atomic(small_mount / "summary.json", lambda tmp: tmp.write_text("{}"))
+    assert "Read-only file system" in read_only.value.problem and "MiB free" not in read_only.value.problem
+    assert "writable" in read_only.value.fix and "disk space" not in read_only.value.fix
+    assert list(small_mount.iterdir()) == []  # no temp file left behind either

@@ -194,7 +194,10 @@ def test_ranks_out_of_sync_fail_loudly(tiny_cfg, tmp_path):
 @pytest.mark.slow
 def test_a_failing_worker_comes_back_as_one_error(tiny_cfg, tmp_path):
     started = time.perf_counter()
-    with pytest.raises(TrainingError, match="rank 1 failed: OSError: simulated read error on rank 1"):
+    # An OSError reading a sample is an unreadable sample: a user error, named with its rank and the cause.
+    from finetune.errors import FinetuneError
+
+    with pytest.raises(FinetuneError, match=r"rank 1: data.train: sample \d+ cannot be read \(OSError: simulated read error on rank 1\)"):
         run(tiny_cfg("data.train._target_=tiny.failing_on_rank1", "+data.train.after=20", "trainer.nproc=2",
                      "data.batch_size=8"), tmp_path / "run")
     assert time.perf_counter() - started < 30  # rank 0 did not wait out a collective's timeout

@@ -76,8 +76,6 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             print(f"[rank{world.rank}] ", end="", file=sys.stderr)
         report_error(exc, config_origin(exc.group))
         if multirun:
-            if getattr(exc, "run_dir_untouched", False):  # refused before it wrote: the directory is another run's
-                return float("nan")
             return job_failed(run_dir, started, str(exc))
         sys.exit(exc.exit_code)
     except Exception as exc:  # not the user's input: a bug, or user code (a model's forward) raising
@@ -104,8 +102,12 @@ def job_failed(run_dir: Path, started: float, error: str) -> float:
     from finetune.run import base_summary
     from finetune.state import write_json
 
+    from finetune.run_files import previous_status
+
     previous = run_dir / "summary.json"
-    if not previous.exists() or previous.stat().st_mtime < started:  # none from this attempt
+    # Not over this attempt's own summary, nor over an earlier run's results (an interrupted run
+    # whose resume was refused keeps its summary); an earlier failure's record is replaced.
+    if not previous.exists() or (previous.stat().st_mtime < started and previous_status(run_dir) == "failed"):
         write_json(run_dir / "summary.json", base_summary("failed", 0.0, error=error))
     return float("nan")
 

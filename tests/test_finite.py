@@ -80,3 +80,35 @@ def test_the_command_refuses_a_nan_checkpoint_with_one_message(cli, tmp_path, na
     assert result.stderr.count("finetune: error:") == 1 and "  fix: " in result.stderr and "Traceback" not in result.stderr
     assert "layer1.1.running_var (3 values)" in result.stderr
     assert not (run_dir / "model.safetensors").exists() and not (run_dir / "summary.json").exists()
+
+
+def _rss_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_checking_a_memory_mapped_checkpoint_gives_its_pages_back(tmp_path, fmt):
+    """Reading 256 MiB of a memory-mapped checkpoint to check it must not leave 256 MiB resident,
+    and must not change a value (the pages are read again from the file)."""
+    from finetune.checkpoint.read import read_checkpoint
+
+    big = torch.randn(64 * 2**20)  # 256 MiB of float32
+    bad = torch.ones(1000)
+    bad[500] = float("nan")
+    path = tmp_path / f"big.{fmt}"
+    if fmt == "pt":
+        torch.save({"big": big, "bad": bad}, path)
+    else:
+        save_file({"big": big, "bad": bad}, str(path))
+    expected_sum = big.double().sum().item()
+    del big
+    contents = read_checkpoint(str(path), zero_copy=True)
+    assert contents.mapped
+    before = _rss_mb()
+    assert nonfinite_keys(contents.state_dict, mapped=True) == ["bad"]
+    assert _rss_mb() - before < 100, (before, _rss_mb())
+    assert contents.state_dict["big"].double().sum().item() == expected_sum  # read back from the file, unchanged
+    assert torch.isnan(contents.state_dict["bad"][500]) and contents.state_dict["bad"][499] == 1

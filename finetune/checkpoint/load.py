@@ -118,7 +118,8 @@ def materialize_new(model: nn.Module, new_keys: set[str]) -> list[str]:
 
 
 def match_and_load(model: nn.Module, checkpoint: dict[str, torch.Tensor], names: dict[str, str],
-                   shape_policy: ShapePolicy | ShapeRules, report: LoadReport, low_memory: bool = False) -> None:
+                   shape_policy: ShapePolicy | ShapeRules, report: LoadReport, low_memory: bool = False,
+                   mapped: bool = False) -> None:
     """Fill `report` with loaded/missing/unexpected/mismatched and load the matched tensors.
 
     With `low_memory` the model is on the meta device: new modules are materialised and reset,
@@ -153,8 +154,9 @@ def match_and_load(model: nn.Module, checkpoint: dict[str, torch.Tensor], names:
         to_load[name] = tensor
     # Before anything is assigned: a NaN or Inf brought in from the checkpoint is named now, not
     # found in the saved weights of a "completed" run.
-    incoming = {**to_load, **to_adapt}
-    report.nonfinite = {name: count_nonfinite(incoming[name]) for name in nonfinite_keys(incoming)}
+    # The checkpoint's own tensors (not cast copies): with `mapped`, the check hands the pages it reads back.
+    incoming = {name: checkpoint[orig] for orig, name in names.items() if name in to_load or name in to_adapt}
+    report.nonfinite = {name: count_nonfinite(incoming[name]) for name in nonfinite_keys(incoming, mapped)}
     if refused:
         shown = "\n    ".join(refused[:10]) + (f"\n    ... and {len(refused) - 10} more" if len(refused) > 10 else "")
         raise CheckpointError(
@@ -362,7 +364,7 @@ def load_checkpoint(model: nn.Module, ckpt_cfg, edits: Sequence[AppliedEdit] = (
         ignored=mapping.ignored,
         unwrapped=mapping.unwrapped,
     )
-    match_and_load(model, contents.state_dict, mapping.names, rules, report, low_memory)
+    match_and_load(model, contents.state_dict, mapping.names, rules, report, low_memory, contents.mapped)
     declare_by_edits(report, edits)
     if report.missing and report.unexpected:
         # A rule never fills a module that model.add created: its keys are new by declaration.

@@ -48,6 +48,9 @@ class CheckpointContents:
     format: str  # torch | safetensors | lightning | sharded
     selected: str | None  # nested entry the weights came from; None = top level
     files: list[str]
+    # Every tensor is a view of a private, read-only-so-far memory map of its file (safetensors read
+    # zero-copy, torch zip files): pages read from it can be given back to the page cache.
+    mapped: bool = False
 
 
 REDOWNLOAD = "re-download or re-save the file; an interrupted download or copy is the usual cause"
@@ -209,7 +212,8 @@ def _check_zip_members(path: Path, archive_file: BinaryIO) -> None:
             f"{size} bytes; it was not read (torch would allocate what the file does not hold).", _RESAVE)
 
 
-def _load_torch(path: Path) -> Any:
+def _load_torch(path: Path) -> tuple[Any, bool]:
+    """The unpickled object, and whether its tensors are views of a memory map of the file (zip files)."""
     # Legacy (non-zip) files declare each storage's element count inside the pickle, and torch
     # allocates that much, uninitialised, before it reads the storage and checks its real size
     # ("storage has wrong byte size"). Bounding the declaration first would mean re-implementing
@@ -223,9 +227,9 @@ def _load_torch(path: Path) -> Any:
         if path.suffix == ".safetensors":
             # torch.load picks its loader by extension for a path; the content said torch: pass bytes.
             with _open_regular(path) as f:
-                return torch.load(f, map_location="cpu", weights_only=True)
+                return torch.load(f, map_location="cpu", weights_only=True), False
         # torch.load opens the path again; the checks above saw this same path a moment ago.
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip), is_zip
     except pickle.UnpicklingError as exc:
         if "truncated" in str(exc):
             raise CheckpointError(f"checkpoint {path} is truncated ({_reason(exc)}).", REDOWNLOAD) from exc
@@ -550,26 +554,29 @@ def _read_file(path: Path, fmt: str, select: str, zero_copy: bool) -> Checkpoint
         tensors = _mmap_safetensors(path) if zero_copy else _load_safetensors(path)
         if select not in ("auto", ""):
             raise CheckpointError(f"checkpoint.select={select!r} does not apply to a safetensors file (it is flat).", "use select=auto")
-        return CheckpointContents(tensors, "safetensors", None, [str(path)])
-    obj = _load_torch(path)
+        return CheckpointContents(tensors, "safetensors", None, [str(path)], mapped=zero_copy)
+    obj, mapped = _load_torch(path)
     state_dict, selected = select_weights(obj, select, path)
     is_lightning = isinstance(obj, Mapping) and any(str(k).startswith("pytorch-lightning_version") for k in obj)
-    return CheckpointContents(state_dict, "lightning" if is_lightning else "torch", selected, [str(path)])
+    return CheckpointContents(state_dict, "lightning" if is_lightning else "torch", selected, [str(path)], mapped=mapped)
 
 
 def _read_shards(path: Path, zero_copy: bool) -> CheckpointContents:
     files = _shard_files(path)
     merged: dict[str, torch.Tensor] = {}
     origin: dict[str, Path] = {}
+    mapped = True
     for shard in files:
-        for key, tensor in _read_file(shard, "auto", "auto", zero_copy).state_dict.items():
+        contents = _read_file(shard, "auto", "auto", zero_copy)
+        mapped = mapped and contents.mapped
+        for key, tensor in contents.state_dict.items():
             if key in merged:  # two files holding one key: not shards of one checkpoint
                 raise CheckpointError(
                     f"checkpoint key {_shown(key)} is in two files of {path}: {origin[key].name} and {shard.name}.",
                     "point checkpoint.path at one file (a directory without an index must hold only the shards of one checkpoint)",
                 )
             merged[key], origin[key] = tensor, shard
-    return CheckpointContents(merged, "sharded", None, [str(f) for f in files])
+    return CheckpointContents(merged, "sharded", None, [str(f) for f in files], mapped=mapped)
 
 
 def read_checkpoint(path_str: str, fmt: str = "auto", select: str = "auto", zero_copy: bool = False) -> CheckpointContents:

@@ -3,17 +3,20 @@ tie them again after an assign, and copies where storage must not be shared."""
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 from torch import nn
 
 
-def tied_keys(model: nn.Module) -> list[list[str]]:
+def tied_keys(model: nn.Module, state_keys: Iterable[str] | None = None) -> list[list[str]]:
     """State-dict keys that name one tensor (tied weights: an LM's input embedding and output
-    projection), by object identity, so it holds on the meta device too."""
+    projection), by object identity, so it holds on the meta device too. `state_keys`: the model's
+    state_dict keys, where the caller has them already."""
     names_of: dict[int, list[str]] = {}
     for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
         names_of.setdefault(id(tensor), []).append(name)
-    keys = set(model.state_dict())
+    keys = set(model.state_dict() if state_keys is None else state_keys)
     return [group for group in ([n for n in names if n in keys] for names in names_of.values()) if len(group) > 1]
 
 

@@ -166,7 +166,7 @@ def match_and_load(model: nn.Module, checkpoint: dict[str, torch.Tensor], names:
             "checkpoint.shape_overrides=[{keys: 'head.*', action: skip}]; or drop the keys with checkpoint.ignore",
             group="checkpoint",
         )
-    ties = tied_keys(model)
+    ties = tied_keys(model, model_sd)
     fill_tied_twins(ties, to_load, mismatched, report)
     for key in model_sd:
         if key in mismatched:

@@ -69,7 +69,8 @@ def run(cfg: DictConfig, run_dir: Path, world: World | None = None, started: flo
         log.info("checkpoint.path is null: training from scratch, every parameter is new")
 
     lr, weight_decay = optimizer_defaults(cfg.optim.optimizer)
-    plan = plan_training(model, sources, cfg.policy, lr, weight_decay)
+    added_by = {key: e.rule for e in edits if e.keys is not None for key in e.keys}
+    plan = plan_training(model, sources, cfg.policy, lr, weight_decay, added_by)
     apply_plan(model, plan)
     tables.show(tables.format_trainability(plan))
     audit = GradAudit()

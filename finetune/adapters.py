@@ -127,7 +127,7 @@ class LoRALayer:
         dropped = self._dropped(x)
         lora = self._lora_out(dropped)
         if not self.lora_dora:
-            return out + self.lora_scale * lora
+            return torch.add(out, lora, alpha=self.lora_scale)  # one kernel for the scale and the sum
         scale = self._out_view(self._magnitude_scale()).to(out.dtype)
         base = self._base_without_bias(dropped) if dropped is not x else self._minus_bias(out)
         return out + (scale - 1) * base + scale * (self.lora_scale * lora)

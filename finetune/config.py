@@ -200,6 +200,9 @@ class TrainerConfig:
     skip_nonfinite: bool = False  # skip batches whose loss is NaN/Inf instead of stopping (a sync per batch)
     tensorboard: Optional[bool] = None  # null: write TensorBoard events when tensorboard is installed
     nproc: int = 1  # >1: DDP over that many processes on this machine, spawned from this run (gloo on CPU)
+    # With lora ops: the merged weights and the PEFT adapter are run over the validation data beside the
+    # trained model; each passes when its largest output difference is within this fraction of the output scale.
+    export_tolerance: float = 1e-4
 
 
 @dataclass

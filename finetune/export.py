@@ -199,6 +199,12 @@ class _Totals:
         self.task = task
         self.loss = torch.zeros((), device=device, dtype=torch.float64)
         self.count = torch.zeros((), device=device, dtype=torch.float64)
+        for metric in task.metrics.values():
+            # Rank 0 exports alone, over the whole validation set: a torchmetrics metric must not wait
+            # in compute() for the other ranks (they are done).
+            if hasattr(metric, "sync_on_compute"):
+                metric.sync_on_compute = False
+                metric._to_sync = False
         task.reset_metrics()
 
     def add(self, step) -> None:

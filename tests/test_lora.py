@@ -492,3 +492,12 @@ def test_text_demo_lora_sweep_over_the_rank(tmp_path, cli_env):
         assert config["r"] == rank and config["rank_pattern"] == {n: 8 for n in config["target_modules"] if ".mlp." in n}
         assert all(a["ok"] for a in read_json(job_dir / "export_report.json")["artifacts"])
         assert json.loads((job_dir / "export_report.json").read_text())["skipped"] == []
+
+
+@pytest.mark.slow
+def test_ddp_lora_run_exports_from_rank_0_over_the_whole_validation_set(tiny_cfg, tmp_path):
+    summary = run(tiny_cfg(*with_lora(), "data.batch_size=8", "trainer.nproc=2"), tmp_path / "run")
+    assert summary["status"] == "completed" and summary["ranks_in_sync"] is True
+    report = read_json(tmp_path / "run" / "export_report.json")
+    assert report["batches"] == 6  # 48 samples / 8, not a rank's shard of them
+    assert [a["ok"] for a in report["artifacts"]] == [True, True]

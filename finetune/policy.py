@@ -189,7 +189,14 @@ def plan_training(model: nn.Module, sources: dict[str, str], policy, lr: float, 
     added_by = added_by or {}
     params = dict(model.named_parameters())
     names = list(params)
-    forced = require_matches(policy.train, names, "policy.train", error=PolicyError)
+    try:
+        forced = require_matches(policy.train, names, "policy.train", error=PolicyError)
+    except PolicyError as exc:
+        if "lora_" in exc.problem and not any(".lora_" in n for n in names):  # policy=lora without a lora op
+            raise PolicyError(exc.problem + " The model has no LoRA adapters.",
+                              "add a lora op to model.add, e.g. {op: lora, at: 'blocks.*.attn.qkv', rank: 8, alpha: 16} "
+                              "(policy=lora trains the adapters it creates), or choose another policy") from exc
+        raise
     frozen = require_matches(policy.freeze, names, "policy.freeze", error=PolicyError)
     require_matches(policy.allow_no_grad, names, "policy.allow_no_grad", error=PolicyError)
     by_model = {n for n, p in params.items() if not p.requires_grad}

@@ -467,6 +467,35 @@ def test_interrupted_lora_run_resumes_bit_identically(tiny_cfg, tmp_path):
         assert all(torch.equal(resumed[k], straight[k]) for k in straight), name
 
 
+def test_bert_lora_run_with_a_new_classifier_exports_it_as_modules_to_save(tmp_path, compose):
+    """The README's example: a bare BERT encoder's checkpoint, LoRA on query and value, a new classifier."""
+    ckpt = real_models.bert_encoder_checkpoint(tmp_path / "encoder")
+    add = ("model.add=[{op: lora, at: 'bert.encoder.layer.*.attention.self.query', rank: 4, alpha: 8}, "
+           "{op: lora, at: 'bert.encoder.layer.*.attention.self.value', rank: 4, alpha: 8}]")
+    cfg = compose(["model=hf_bert_classifier", "data=marked_tokens", "checkpoint=hf_bert", f"checkpoint.path={ckpt}",
+                   "task=classification", add, "policy=lora", "trainer.epochs=1", "trainer.progress=false",
+                   "trainer.tensorboard=false", "trainer.device=cpu"])
+    assert run(cfg, tmp_path / "run")["status"] == "completed"
+    report = read_json(tmp_path / "run" / "export_report.json")
+    assert [(a["file"], a["ok"]) for a in report["artifacts"]] == [("merged.safetensors", True), ("adapter/", True)]
+    config = read_json(tmp_path / "run" / "adapter" / "adapter_config.json")
+    assert config["modules_to_save"] == ["classifier"] and len(config["target_modules"]) == 4
+    trainable = {p["name"] for p in read_json(tmp_path / "run" / "trainability.json")["params"] if p["trainable"]}
+    assert trainable == {"classifier.weight", "classifier.bias"} | {
+        f"bert.encoder.layer.{i}.attention.self.{m}.lora_{ab}" for i in (0, 1) for m in ("query", "value") for ab in "ab"}
+
+
+def test_policy_lora_without_a_lora_op_says_what_is_missing(compose):
+    from finetune.errors import PolicyError
+    from finetune.policy import plan_training
+
+    cfg = compose(["policy=lora"], search=())
+    model, _ = built(model_cfg("timm_vit"))
+    with pytest.raises(PolicyError, match="no LoRA adapters") as err:
+        plan_training(model, {}, cfg.policy, 1e-3, 0.0)
+    assert "add a lora op to model.add" in err.value.fix
+
+
 def test_a_sweep_override_reaches_the_rank(compose):
     cfg = compose(["experiment=text_demo_lora", "model.add.1.rank=4"], search=())
     assert [e.op.value for e in cfg.model.add] == ["before", "lora", "lora"]

@@ -228,6 +228,9 @@ def _apply_lora(model: nn.Module, edit, index: int, settings: dict) -> AppliedEd
     targets, refused = [], []
     for name, module in named:
         kind, why = lora_kind(module)
+        parent = model.get_submodule(name.rpartition(".")[0])
+        if kind is not None and isinstance(parent, nn.MultiheadAttention):
+            kind, why = None, "nn.MultiheadAttention reads its out_proj's weight directly and never calls it"
         if kind is not None:
             targets.append((name, module))
         elif why is not None:

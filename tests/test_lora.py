@@ -187,6 +187,20 @@ class Separable(nn.Module):
         return self.pointwise(self.depthwise(x))
 
 
+class WithMHA(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x, x)[0]
+
+
+def test_multihead_attention_out_proj_is_refused_it_is_never_called():
+    with pytest.raises(ConfigError, match="out_proj.*never calls it"):
+        built(model_cfg({"_target_": "test_lora.WithMHA"}, lora("attn")))
+
+
 def test_grouped_convolutions_are_left_alone_and_named_when_nothing_else_matches():
     _, edits = built(model_cfg({"_target_": "test_lora.Separable"}, lora("*")))
     assert edits[0].targets == ("pointwise",)
@@ -453,6 +467,11 @@ def test_a_merge_outside_the_tolerance_fails_the_run_and_writes_no_merged_file(t
     assert not (run_dir / "merged.safetensors").exists() and (run_dir / "adapter").is_dir()
     assert {a["file"]: a["ok"] for a in read_json(run_dir / "export_report.json")["artifacts"]} == {
         "merged.safetensors": False, "adapter/": True}
+    monkeypatch.undo()  # the same command again: resumes after the last epoch and exports again
+    again = run(tiny_cfg(*with_lora()), run_dir)
+    assert again["status"] == "completed" and again["resumed_from"] == {"epoch": 2, "step": 8}
+    assert (run_dir / "merged.safetensors").is_file()
+    assert all(a["ok"] for a in read_json(run_dir / "export_report.json")["artifacts"])
 
 
 def test_interrupted_lora_run_resumes_bit_identically(tiny_cfg, tmp_path):

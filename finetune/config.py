@@ -19,6 +19,7 @@ class EditOp(Enum):
     replace = "replace"
     after = "after"
     before = "before"
+    lora = "lora"
 
 
 class CheckpointFormat(Enum):
@@ -64,12 +65,19 @@ class SavedWeights(Enum):
 
 @dataclass
 class ModuleEdit:
-    """One entry of `model.add`: put `module` at / after / before the submodule `at`."""
+    """One entry of `model.add`: put `module` at / after / before the submodule `at`; or (op lora)
+    give every Linear / Conv1d / Conv2d / Embedding / transformers Conv1D that the glob `at` matches
+    a LoRA adapter (finetune/adapters.py)."""
 
     op: EditOp = EditOp.after
     at: str = "???"
     name: Optional[str] = None  # required for after/before: the new submodule's attribute name
-    module: Any = None  # {_target_: ...}
+    module: Any = None  # {_target_: ...}; not for lora
+    # op lora only (null: the default shown); an error on the other ops
+    rank: Optional[int] = None  # 8
+    alpha: Optional[float] = None  # 16: the update is scaled by alpha / rank
+    dropout: Optional[float] = None  # 0.0: dropout on the adapter's input
+    dora: Optional[bool] = None  # false: true adds DoRA's magnitude vector
 
 
 @dataclass
@@ -192,6 +200,9 @@ class TrainerConfig:
     skip_nonfinite: bool = False  # skip batches whose loss is NaN/Inf instead of stopping (a sync per batch)
     tensorboard: Optional[bool] = None  # null: write TensorBoard events when tensorboard is installed
     nproc: int = 1  # >1: DDP over that many processes on this machine, spawned from this run (gloo on CPU)
+    # With lora ops: the merged weights and the PEFT adapter are run over the validation data beside the
+    # trained model; each passes when its largest output difference is within this fraction of the output scale.
+    export_tolerance: float = 1e-4
 
 
 @dataclass

@@ -10,11 +10,15 @@ Edits never rename an existing parameter, so a checkpoint of the base still matc
   ancestor that is not one, so no container ever runs it a second time
   (`after blocks.5, name adapter5` gives `adapter5`, `after bert.encoder.layer.3` gives
   `bert.encoder.adapter3`).
+- `lora` gives every Linear / Conv1d / Conv2d / Embedding / transformers Conv1D that the glob `at`
+  matches a LoRA adapter in place (finetune/adapters.py): `blocks.0.attn.qkv.weight` keeps its
+  name, and the adapter's tensors sit beside it (`blocks.0.attn.qkv.lora_a`, `.lora_b`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -22,10 +26,13 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from torch import nn
 
+from finetune.adapters import WRAPPABLE, add_lora, lora_kind
 from finetune.config import EditOp
 from finetune.errors import ConfigError
-from finetune.matching import closest_names
+from finetune.matching import closest_names, glob_matches
+from finetune.storage import tied_keys
 
+log = logging.getLogger(__name__)
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
@@ -40,9 +47,13 @@ class WiringError(ConfigError):
 class AppliedEdit:
     op: str
     at: str
-    name: str  # dotted name of the new module in model B (for replace: `at`)
+    name: str  # dotted name of the new module in model B (for replace: `at`; for lora: the glob)
     module_type: str
     index: int = 0  # position in model.add
+    # The state_dict keys the op created, where it created tensors inside existing modules (lora:
+    # `blocks.0.attn.qkv.lora_a`, ...); None: everything under `name` is the op's.
+    keys: frozenset[str] | None = None
+    targets: tuple[str, ...] = ()  # lora: the modules it wrapped
 
     @property
     def rule(self) -> str:
@@ -50,7 +61,10 @@ class AppliedEdit:
         return f"model.add[{self.index}] ({self.op} {self.at})"
 
     def covers(self, key: str) -> bool:
-        """`key` (a parameter or state_dict key of model B) belongs to the module this edit put in."""
+        """`key` (a parameter or state_dict key of model B) is one this edit put in: a key of the
+        module it added, or one of the tensors it created (lora: never the base weight it wraps)."""
+        if self.keys is not None:
+            return key in self.keys
         return key == self.name or key.startswith(self.name + ".")
 
 
@@ -67,9 +81,16 @@ class _Inserted:
     the other elements of a tuple output / the other arguments pass through unchanged. A module
     that fails there raises one message naming the edit, the module and the shape it got."""
 
-    def __init__(self, module: nn.Module, edit: AppliedEdit):
-        self.module = module
+    def __init__(self, home: nn.Module, attribute: str, edit: AppliedEdit):
+        # The module is looked up where it is registered at every call, not held: whatever sits there
+        # now runs (PEFT's modules_to_save replaces it with a wrapper when an adapter is loaded).
+        self.home = home
+        self.attribute = attribute
         self.edit = edit
+
+    @property
+    def module(self) -> nn.Module:
+        return self.home._modules[self.attribute]
 
     def run(self, value):
         try:
@@ -166,8 +187,92 @@ def _home(model: nn.Module, at: str) -> str:
     return home
 
 
+LORA_DEFAULTS = {"rank": 8, "alpha": 16.0, "dropout": 0.0, "dora": False}
+
+
+def _lora_settings(edit, op: EditOp, index: int) -> dict:
+    """rank / alpha / dropout / dora of a lora op (defaults filled in); an error on other ops."""
+    given = {key: edit.get(key) if hasattr(edit, "get") else getattr(edit, key, None) for key in LORA_DEFAULTS}
+    if op is not EditOp.lora:
+        named = [key for key, value in given.items() if value is not None]
+        if named:
+            raise ConfigError(f"model.add[{index}]: {', '.join(named)} only apply to op: lora, not {op.value}.",
+                              f"remove {', '.join(named)} from model.add[{index}], or make it {{op: lora, at: GLOB, ...}}",
+                              group="model")
+        return {}
+    settings = {key: LORA_DEFAULTS[key] if value is None else value for key, value in given.items()}
+    if int(settings["rank"]) < 1:
+        raise ConfigError(f"model.add[{index}]: lora rank={settings['rank']}; it must be at least 1.", "e.g. rank: 8", group="model")
+    if not float(settings["alpha"]) > 0:
+        raise ConfigError(f"model.add[{index}]: lora alpha={settings['alpha']}; it must be positive (the update is "
+                          "scaled by alpha / rank).", "e.g. alpha: 16 (twice the rank is common)", group="model")
+    if not 0.0 <= float(settings["dropout"]) < 1.0:
+        raise ConfigError(f"model.add[{index}]: lora dropout={settings['dropout']} is not in [0, 1).", "e.g. dropout: 0.05",
+                          group="model")
+    for key in ("module", "name"):
+        if (edit.get(key) if hasattr(edit, "get") else getattr(edit, key, None)) is not None:
+            raise ConfigError(f"model.add[{index}]: op lora wraps the modules that `at` matches; it takes no `{key}`.",
+                              f"remove `{key}` from model.add[{index}]", group="model")
+    return settings
+
+
+def _described(model: nn.Module, names: list[str]) -> str:
+    return ", ".join(f"{n} ({type(model.get_submodule(n)).__name__})" for n in names)
+
+
+def _apply_lora(model: nn.Module, edit, index: int, settings: dict) -> AppliedEdit:
+    """Wrap every module `at` matches (matching.py's glob: a name, or anything under it) that LoRA
+    can wrap. A glob that matches none of those is an error naming the closest modules and types."""
+    rule = f"model.add[{index}] (lora {edit.at})"
+    named = [(name, module) for name, module in model.named_modules() if name and glob_matches(edit.at, name)]
+    targets, refused = [], []
+    for name, module in named:
+        kind, why = lora_kind(module)
+        parent = model.get_submodule(name.rpartition(".")[0])
+        if kind is not None and isinstance(parent, nn.MultiheadAttention):
+            kind, why = None, "nn.MultiheadAttention reads its out_proj's weight directly and never calls it"
+        if kind is not None:
+            targets.append((name, module))
+        elif why is not None:
+            refused.append(f"{name} ({type(module).__name__}: {why})")
+    if not targets:
+        names = [n for n, _ in model.named_modules() if n]
+        if named:
+            shown = refused[:4] or [_described(model, [n for n, _ in named[:4]])]
+            problem = (f"{rule}: the glob matches {len(named)} module(s), none of a type LoRA can wrap ({WRAPPABLE}): "
+                       + "; ".join(shown) + (" ..." if len(named) > 4 else ""))
+        else:
+            problem = f"{rule}: the glob matches no module."
+        wrappable = [n for n, m in model.named_modules() if n and lora_kind(m)[0] is not None]
+        close = closest_names(edit.at, wrappable) or closest_names(edit.at, names)
+        hint = (f"closest module names: {_described(model, close)}" if close
+                else f"modules LoRA can wrap look like: {_described(model, wrappable[:3])}")
+        raise ConfigError(problem, hint + " (globs are fnmatch over dotted module names; 'blocks.0.attn' also covers "
+                          "the modules under it)", group="model")
+    if refused:
+        log.info("%s: left alone %d matched module(s) LoRA cannot wrap: %s", rule, len(refused), "; ".join(refused[:5]))
+    tied = {key: group for group in tied_keys(model) for key in group}
+    for name, _ in targets:
+        group = tied.get(f"{name}.weight")
+        if group:
+            others = [k for k in group if k != f"{name}.weight"]
+            raise ConfigError(f"{rule}: the weight of '{name}' is tied to {', '.join(others)} (one tensor); a LoRA "
+                              "update merged into it would change both.",
+                              f"narrow the glob so it leaves '{name}' out", group="model")
+    keys = []
+    for name, module in targets:
+        add_lora(module, int(settings["rank"]), float(settings["alpha"]), float(settings["dropout"]), bool(settings["dora"]))
+        keys += [f"{name}.{param}" for param in module.lora_param_names]
+    types = sorted({type(m).__name__.removeprefix("LoRA") for _, m in targets})
+    return AppliedEdit(EditOp.lora.value, edit.at, edit.at, f"LoRA on {len(targets)} {'/'.join(types)}", index,
+                       keys=frozenset(keys), targets=tuple(name for name, _ in targets))
+
+
 def _apply_edit(model: nn.Module, edit, index: int) -> AppliedEdit:
     op = EditOp(edit.op) if not isinstance(edit.op, EditOp) else edit.op
+    settings = _lora_settings(edit, op, index)
+    if op is EditOp.lora:
+        return _apply_lora(model, edit, index, settings)
     _check_at(model, edit.at, index)
     new_module = _instantiate_module(edit.module, f"model.add[{index}].module")
     parent_name, _, leaf = edit.at.rpartition(".")
@@ -201,17 +306,23 @@ def _apply_edit(model: nn.Module, edit, index: int) -> AppliedEdit:
     applied = AppliedEdit(op.value, edit.at, full_name, type(new_module).__name__, index)
     target = model.get_submodule(edit.at)
     if op is EditOp.after:
-        target.register_forward_hook(RunAfter(new_module, applied))
+        target.register_forward_hook(RunAfter(home, edit.name, applied))
     else:
-        target.register_forward_pre_hook(RunBefore(new_module, applied), with_kwargs=True)
+        target.register_forward_pre_hook(RunBefore(home, edit.name, applied), with_kwargs=True)
     return applied
 
 
-def build_model(model_cfg) -> tuple[nn.Module, list[AppliedEdit]]:
-    """Instantiate `model.base` and apply `model.add`; returns the model and what was added."""
+def build_model(model_cfg, lora: bool = True) -> tuple[nn.Module, list[AppliedEdit]]:
+    """Instantiate `model.base` and apply `model.add`; returns the model and what was added.
+    `lora=False`: without the lora ops (the model that merged.safetensors loads into)."""
     model = _instantiate_module(model_cfg.base, "model.base")
-    edits = [_apply_edit(model, edit, i) for i, edit in enumerate(model_cfg.add)]
+    edits = [_apply_edit(model, edit, i) for i, edit in enumerate(model_cfg.add)
+             if lora or _op(edit) is not EditOp.lora]
     return model, edits
+
+
+def _op(edit) -> EditOp:
+    return edit.op if isinstance(edit.op, EditOp) else EditOp(edit.op)
 
 
 def inserted_edits(model: nn.Module) -> list[AppliedEdit]:

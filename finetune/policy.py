@@ -38,6 +38,7 @@ class ParamPlan:
     weight_decay: float | None
     group: str | None
     frozen_by: str | None = None  # model (requires_grad=False as built) | policy.freeze | policy.new
+    added_by: str | None = None  # the model.add op that created the tensor inside an existing module (lora)
 
 
 @dataclass
@@ -179,13 +180,23 @@ def _resolve(name: str, claims: list[_Claim]) -> _Claim:
     return best[0]
 
 
-def plan_training(model: nn.Module, sources: dict[str, str], policy, lr: float, weight_decay: float) -> TrainPlan:
+def plan_training(model: nn.Module, sources: dict[str, str], policy, lr: float, weight_decay: float,
+                  added_by: dict[str, str] | None = None) -> TrainPlan:
     """Call on the model as built and loaded, before apply_plan: parameters the model itself
     created with requires_grad=False (its constructor, or a library such as PEFT) stay frozen
-    unless policy.train names them."""
+    unless policy.train names them. `added_by`: parameter -> the model.add op that created it
+    inside an existing module (a lora op's adapters), for the reports."""
+    added_by = added_by or {}
     params = dict(model.named_parameters())
     names = list(params)
-    forced = require_matches(policy.train, names, "policy.train", error=PolicyError)
+    try:
+        forced = require_matches(policy.train, names, "policy.train", error=PolicyError)
+    except PolicyError as exc:
+        if "lora_" in exc.problem and not any(".lora_" in n for n in names):  # policy=lora without a lora op
+            raise PolicyError(exc.problem + " The model has no LoRA adapters.",
+                              "add a lora op to model.add, e.g. {op: lora, at: 'blocks.*.attn.qkv', rank: 8, alpha: 16} "
+                              "(policy=lora trains the adapters it creates), or choose another policy") from exc
+        raise
     frozen = require_matches(policy.freeze, names, "policy.freeze", error=PolicyError)
     require_matches(policy.allow_no_grad, names, "policy.allow_no_grad", error=PolicyError)
     by_model = {n for n, p in params.items() if not p.requires_grad}
@@ -218,7 +229,8 @@ def plan_training(model: nn.Module, sources: dict[str, str], policy, lr: float, 
         source = sources.get(name, "checkpoint")
         why = frozen_by(name)
         if why is not None:
-            plans.append(ParamPlan(name, list(param.shape), param.numel(), source, False, None, None, None, why))
+            plans.append(ParamPlan(name, list(param.shape), param.numel(), source, False, None, None, None, why,
+                                   added_by.get(name)))
             continue
         mine = claims.get(name, [])
         claim = _resolve(name, mine) if mine else None
@@ -237,7 +249,8 @@ def plan_training(model: nn.Module, sources: dict[str, str], policy, lr: float, 
             wd, base = 0.0, base + "/no_decay"
         group_lr = lr * mult
         groups.setdefault(base, GroupPlan(base, [], group_lr, wd)).params.append(name)
-        plans.append(ParamPlan(name, list(param.shape), param.numel(), source, True, group_lr, wd, base))
+        plans.append(ParamPlan(name, list(param.shape), param.numel(), source, True, group_lr, wd, base,
+                               added_by=added_by.get(name)))
 
     if not any(p.trainable for p in plans):
         held = sum(1 for p in plans if p.frozen_by == "model")

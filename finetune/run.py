@@ -79,7 +79,8 @@ def run_held(cfg: DictConfig, run_dir: Path, world: World | None, started: float
         log.info("checkpoint.path is null: training from scratch, every parameter is new")
 
     lr, weight_decay = optimizer_defaults(cfg.optim.optimizer)
-    plan = plan_training(model, sources, cfg.policy, lr, weight_decay)
+    added_by = {key: e.rule for e in edits if e.keys is not None for key in e.keys}
+    plan = plan_training(model, sources, cfg.policy, lr, weight_decay, added_by)
     apply_plan(model, plan)
     tables.show(tables.format_trainability(plan))
     audit = GradAudit()
@@ -93,7 +94,7 @@ def run_held(cfg: DictConfig, run_dir: Path, world: World | None, started: float
     if cfg.dry_run:
         summary = Summary("dry_run", wall_s=time.perf_counter() - started, world_size=world.size)
         return summary.write(run_dir) if world.is_main else summary.to_json()
-    return train(cfg, run_dir, model, plan, audit, resume_from, started, lr, weight_decay, world)
+    return train(cfg, run_dir, model, edits, plan, audit, resume_from, started, lr, weight_decay, world)
 
 
 def dry_run_batches(cfg, model, audit: GradAudit) -> None:
@@ -154,7 +155,7 @@ def base_summary(status: str, wall_s: float, **fields) -> dict:
     return Summary(status, wall_s=wall_s, **fields).to_json()
 
 
-def train(cfg, run_dir: Path, model, plan, audit: GradAudit, resume_from: Path | None, started: float,
+def train(cfg, run_dir: Path, model, edits, plan, audit: GradAudit, resume_from: Path | None, started: float,
           lr: float, weight_decay: float, world: World) -> dict:
     """Open the session, fit, and write what a run leaves: weights, curves, summary. Any exception
     on the way ends with a `failed` summary (its traceback goes to finetune.log) and is re-raised."""
@@ -182,7 +183,7 @@ def train(cfg, run_dir: Path, model, plan, audit: GradAudit, resume_from: Path |
     finally:
         if session is not None:
             session.metrics_log.close()
-    return finish(session, status, stop, started)
+    return finish(session, edits, status, stop, started)
 
 
 def write_failed(run_dir: Path, session, exc: BaseException, started: float, world: World) -> None:
@@ -196,8 +197,9 @@ def write_failed(run_dir: Path, session, exc: BaseException, started: float, wor
     write_trainability(run_dir, session.plan, session.audit)
 
 
-def finish(s, status: str, stop, started: float) -> dict:
-    """After fit: the frozen audit, the ranks' agreement, model.safetensors, curves.png, summary.json."""
+def finish(s, edits, status: str, stop, started: float) -> dict:
+    """After fit: the frozen audit, the ranks' agreement, model.safetensors, curves.png, the
+    verified exports of lora runs (merged.safetensors, adapter/), summary.json."""
     world, run_dir, audit = s.world, s.run_dir, s.audit
     s.verify_frozen()
     in_sync = world.in_sync(s.model)
@@ -219,6 +221,7 @@ def finish(s, status: str, stop, started: float) -> dict:
         else:
             save_weights(run_dir / "model.safetensors", s.model.state_dict(), s.provenance)
         plot_curves(s)
+        export(s, edits, started)
     extra = {"signal": stop.received, "exit_code": stop.exit_code} if stop.received else {}
     if s.cfg.data.skip_bad_samples:
         extra["skipped_samples"] = s.train_loader.dataset.skipped + s.val_loader.dataset.skipped
@@ -226,6 +229,26 @@ def finish(s, status: str, stop, started: float) -> dict:
     summary = Summary.of_training(status, s.progress, time.perf_counter() - started, s.monitor, s.mode, world.size,
                                   s.resumed_from, ranks_in_sync=in_sync, **extra)
     return summary.write(run_dir) if world.is_main else summary.to_json()
+
+
+def export(s, edits, started: float) -> None:
+    """merged.safetensors and adapter/ of a run with lora ops, from the weights model.safetensors
+    holds, each verified on the validation data (export.py). A failure fails the run."""
+    from finetune.export import export_lora
+
+    if not any(e.op == "lora" for e in edits):
+        return
+    try:
+        if s.trainer.save is SavedWeights.best and (s.run_dir / BEST).exists():
+            from safetensors.torch import load_file
+
+            s.model.load_state_dict(load_file(str(s.run_dir / BEST), device=str(s.device)))
+        export_lora(s.cfg, s.run_dir, s.model, edits, s.val_loader, s.device, s.provenance)
+    except BaseException as exc:
+        if isinstance(exc, Exception):
+            traceback_log.error("export failed", exc_info=exc)
+        write_failed(s.run_dir, s, exc, started, s.world)
+        raise
 
 
 def fail_out_of_sync(s, started: float) -> None:

@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from finetune.adapters import init_dora_magnitudes
 from finetune.checkpoint.adapt import adapt_tensor
 from finetune.checkpoint.read import read_checkpoint
 from finetune.checkpoint.remap import dominant_prefix, map_keys, suggest_rules
@@ -73,7 +74,9 @@ def shape_rules(ckpt_cfg, model_keys: Sequence[str], edits: Sequence[AppliedEdit
                               "e.g. keys: 'head.*' or keys: ['head.*', pos_embed]", group="checkpoint")
         require_matches(globs, model_keys, f"{rule}.keys", what="model key")
         overrides.append((rule, globs, ShapePolicy(entry["action"])))
-    replaced = [e for e in edits if e.op == "replace"]
+    # A lora op's tensors of another size (a checkpoint of a run with another rank) are skipped like a
+    # replaced module's: the op is their declaration.
+    replaced = [e for e in edits if e.op in ("replace", "lora")]
     return ShapeRules(ShapePolicy(ckpt_cfg.on_shape_mismatch), overrides, replaced)
 
 
@@ -84,7 +87,11 @@ class NeedsNormalBuild(Exception):
 def materialize_new(model: nn.Module, new_keys: set[str]) -> list[str]:
     """Give real storage to the modules that hold keys the checkpoint does not provide, and
     initialise them with their own `reset_parameters()`. A module whose keys are all new is
-    materialised whole (so its own reset sees its children: an Adapter's init_scale applies).
+    materialised whole (so its own reset sees its children: an Adapter's init_scale applies). A
+    module that is partly new (a LoRA-wrapped Linear: its adapter is new, its weight comes from the
+    checkpoint) gets storage for its new tensors only: the others stay on the meta device, where
+    its reset leaves them alone, until the checkpoint's tensors are assigned -- so a reset never
+    touches a loaded weight, and no memory is spent on a copy about to be replaced.
     Returns the materialised module names; raises NeedsNormalBuild where no reset exists."""
     owned = {}  # module name -> its state keys (recursive)
     for key in model.state_dict():
@@ -107,7 +114,10 @@ def materialize_new(model: nn.Module, new_keys: set[str]) -> list[str]:
         module = model.get_submodule(name)
         # As module.to_empty(device="cpu"), without torch.empty_like on meta tensors: its Python reference
         # implementation imports sympy on first use (~0.4 s, most of a low-memory dry run).
-        module._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device="cpu"), recurse=name in whole)
+        if name in whole:
+            module._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device="cpu"))
+        else:
+            _materialize_own(module, name, new_keys)
         resets = [module] if hasattr(module, "reset_parameters") else [m for m in module.modules() if hasattr(m, "reset_parameters")]
         if not resets:
             raise NeedsNormalBuild(f"{name or 'the model'} ({type(module).__name__}) has no reset_parameters()")
@@ -115,6 +125,17 @@ def materialize_new(model: nn.Module, new_keys: set[str]) -> list[str]:
             for m in resets:
                 m.reset_parameters()
     return chosen
+
+
+def _materialize_own(module: nn.Module, name: str, new_keys: set[str]) -> None:
+    """Real (empty) storage for the module's own tensors that are new; the rest stay as they are."""
+    prefix = f"{name}." if name else ""
+    for table in (module._parameters, module._buffers):
+        for key, tensor in table.items():
+            if tensor is None or prefix + key not in new_keys or not tensor.is_meta:
+                continue
+            fresh = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
+            table[key] = nn.Parameter(fresh, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else fresh
 
 
 def match_and_load(model: nn.Module, checkpoint: dict[str, torch.Tensor], names: dict[str, str],
@@ -365,6 +386,9 @@ def load_checkpoint(model: nn.Module, ckpt_cfg, edits: Sequence[AppliedEdit] = (
         unwrapped=mapping.unwrapped,
     )
     match_and_load(model, contents.state_dict, mapping.names, rules, report, low_memory, contents.mapped)
+    # DoRA's magnitude is the norm of the weight it wraps: drawn at the build (or on the meta device),
+    # it must follow the weight just loaded, or the model's output is not the base's before training.
+    init_dora_magnitudes(model, set(report.missing) | {m.key for m in report.mismatched if m.action == "skipped"})
     declare_by_edits(report, edits)
     if report.missing and report.unexpected:
         # A rule never fills a module that model.add created: its keys are new by declaration.

@@ -121,8 +121,15 @@ def _sample(mapping: dict[str, str], n: int = 2) -> str:
 
 
 def _under(keys: list[str]) -> str:
-    """`adapter2.*` for keys that all lie under `adapter2` (one op's module), else their groups."""
-    common = [p[0] for p in zip(*(k.split(".") for k in keys)) if len(set(p)) == 1]
+    """`adapter2.*` for keys that all lie under `adapter2` (one op's module); a lora op's tensors by
+    module (`blocks.{0..11}.attn.qkv.lora_*`); else their groups."""
+    if all(is_adapter_key(k) for k in keys):
+        return ", ".join(label for label, _ in adapter_groups(keys))
+    common = []
+    for parts in zip(*(k.split(".") for k in keys)):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
     depth = len(common) if all(len(k.split(".")) > len(common) for k in keys) else 0
     return ".".join(common[:depth]) + ".*" if depth else ", ".join(group_keys(keys))
 
@@ -134,13 +141,51 @@ def _by_rule(declared: dict[str, str]) -> "OrderedDict[str, list[str]]":
     return out
 
 
+ADAPTER_LEAVES = ("lora_a", "lora_b", "lora_magnitude")  # adapters.LORA_PARAMS: the console does not import the model
+
+
+def is_adapter_key(key: str) -> bool:
+    return key.rpartition(".")[2] in ADAPTER_LEAVES
+
+
+def adapter_groups(keys: Iterable[str], category: Callable[[str], str] | None = None,
+                   rule_of: Callable[[str], str | None] | None = None) -> list[tuple[str, list[str]]]:
+    """LoRA tensors grouped by the op that made them and the modules they sit in, indices
+    compressed: (`blocks.{0..11}.attn.qkv.lora_* (model.add[0] lora)`, keys). Where tensors of one
+    pattern differ in `category` (loaded or missing, trainable or not), they get rows of their own."""
+    category = category or (lambda _key: "")
+    rule_of = rule_of or (lambda _key: None)
+    by_rule: OrderedDict[str | None, OrderedDict[str, list[str]]] = OrderedDict()
+    for key in keys:
+        by_rule.setdefault(rule_of(key), OrderedDict()).setdefault(key.rpartition(".")[0], []).append(key)
+    out = []
+    for rule, modules in by_rule.items():
+        kind = {m: "|".join(sorted({category(k) for k in members})) for m, members in modules.items()}
+        depth = max(len(m.split(".")) for m in modules)
+        for label, _, names in _groups_at(list(modules), depth, kind.get, leaves=True):
+            members = [k for m in names for k in modules[m]]
+            leaves = sorted({k.rpartition(".")[2] for k in members})
+            leaf = "lora_*" if len(leaves) > 1 else leaves[0]
+            out.append((f"{label}.{leaf}" + (f" ({_short_rule(rule)})" if rule else ""), members))
+    return out
+
+
+def _short_rule(rule: str) -> str:
+    """`model.add[0] (lora blocks.*.attn.qkv)` -> `model.add[0] lora`."""
+    head, _, rest = rule.partition(" (")
+    return f"{head} {rest.split(' ', 1)[0]}" if rest else head
+
+
 def format_load_report(report: LoadReport) -> str:
     status: dict[str, str] = {k: "loaded" for k in report.loaded}
     status.update({k: "missing" for k in report.missing})
     status.update({m.key: m.action for m in report.mismatched})
     remapped_targets = set(report.remapped.values())
     rows = []
-    for label, keys in group_keys(status, status.get).items():
+    adapters = [k for k in status if is_adapter_key(k)]
+    groups = list(group_keys([k for k in status if not is_adapter_key(k)], status.get).items())
+    groups += adapter_groups(adapters, status.get, report.declared.get)
+    for label, keys in groups:
         count = lambda s: sum(1 for k in keys if status[k] == s) or ""
         rows.append([label, len(keys), count("loaded"), count("missing"), count("skipped"), count("adapted"),
                      sum(1 for k in keys if k in remapped_targets) or ""])
@@ -186,20 +231,48 @@ def format_load_report(report: LoadReport) -> str:
 FROZEN_BY = {"model": "by the model", "policy.freeze": "policy.freeze", "policy.new": "policy.new"}
 
 
+def _trainability_row(label: str, params: list) -> list[str]:
+    trainable = sum(p.numel for p in params if p.trainable)
+    frozen = sum(p.numel for p in params if not p.trainable)
+    sources = sorted({p.source for p in params})
+    lrs = sorted({p.lr for p in params if p.lr is not None})
+    why = sorted({FROZEN_BY[p.frozen_by] for p in params if p.frozen_by})
+    return [label, human(trainable + frozen), human(trainable) if trainable else "",
+            (human(frozen) + (f" ({', '.join(why)})" if why else "")) if frozen else "",
+            "/".join(sources), ", ".join(f"{lr:.2g}" for lr in lrs) or "-"]
+
+
+def _plan_kind(p) -> str:
+    return f"{p.trainable}/{p.source}/{p.lr}/{p.frozen_by}"
+
+
+def _adapter_rows(params: list) -> list[list[str]]:
+    """One row per lora op and wrapped-module pattern, indices compressed:
+    `blocks.{0..11}.attn.qkv.lora_* (model.add[0] lora)`; rows split where their tensors differ
+    (trainable or not, source, lr)."""
+    by_name = {p.name: p for p in params}
+    groups = adapter_groups(by_name, lambda n: _plan_kind(by_name[n]), lambda n: by_name[n].added_by)
+    return [_trainability_row(label, [by_name[n] for n in names]) for label, names in groups]
+
+
+def _adapter_line(plan: TrainPlan, total: int) -> str | None:
+    adapters = [p for p in plan.params if p.added_by]
+    if not adapters:
+        return None
+    parts = []
+    for rule in dict.fromkeys(p.added_by for p in adapters):
+        mine = [p for p in adapters if p.added_by == rule]
+        modules = len({p.name.rpartition(".")[0] for p in mine})
+        parts.append(f"{rule}: {human(sum(p.numel for p in mine))} on {modules} module{'s' if modules != 1 else ''}")
+    numel = sum(p.numel for p in adapters)
+    return f"  adapters: {'; '.join(parts)} -- {human(numel)} parameters, {100 * numel / max(1, total):.2f}% of the model"
+
+
 def format_trainability(plan: TrainPlan) -> str:
-    by_name = {p.name: p for p in plan.params}
-    rows = []
-    kind = lambda n: f"{by_name[n].trainable}/{by_name[n].source}/{by_name[n].lr}/{by_name[n].frozen_by}"
-    for label, names in group_keys(by_name, kind).items():
-        params = [by_name[n] for n in names]
-        trainable = sum(p.numel for p in params if p.trainable)
-        frozen = sum(p.numel for p in params if not p.trainable)
-        sources = sorted({p.source for p in params})
-        lrs = sorted({p.lr for p in params if p.lr is not None})
-        why = sorted({FROZEN_BY[p.frozen_by] for p in params if p.frozen_by})
-        rows.append([label, human(trainable + frozen), human(trainable) if trainable else "",
-                     (human(frozen) + (f" ({', '.join(why)})" if why else "")) if frozen else "",
-                     "/".join(sources), ", ".join(f"{lr:.2g}" for lr in lrs) or "-"])
+    by_name = {p.name: p for p in plan.params if not p.added_by}
+    kind = lambda n: _plan_kind(by_name[n])  # noqa: E731
+    rows = [_trainability_row(label, [by_name[n] for n in names]) for label, names in group_keys(by_name, kind).items()]
+    rows += _adapter_rows([p for p in plan.params if p.added_by])
     totals = plan.totals()
     by_source = ", ".join(f"{src}: {human(v['trainable'])} trainable / {human(v['frozen'])} frozen" for src, v in totals["by_source"].items())
     lines = [
@@ -208,6 +281,9 @@ def format_trainability(plan: TrainPlan) -> str:
         _table(["parameters", "numel", "trainable", "frozen", "source", "lr"], rows),
         "  optimizer groups: " + "; ".join(f"{g.name} ({len(g.params)} tensor{'s' if len(g.params) != 1 else ''}, lr {g.lr:.3g}, wd {g.weight_decay:g})" for g in plan.groups),
     ]
+    adapter_line = _adapter_line(plan, totals["params"])
+    if adapter_line:
+        lines.append(adapter_line)
     if plan.frozen_norms:
         lines.append(f"  norm layers kept in eval mode (policy.bn=freeze_stats): {len(plan.frozen_norms)}")
     held = [p for p in plan.params if p.frozen_by == "model"]

@@ -367,10 +367,11 @@ def _read_fd(fd: int) -> bytes:
 
 
 def _write_fd(fd: int, data: bytes) -> None:
-    """In place: the lock file is never replaced (a new inode would be a second, unheld lock)."""
+    """In place: the lock file is never replaced (a new inode would be a second, unheld lock). Not
+    fsynced: the record informs, it guards nothing a crash of the machine could leave wrong (the
+    lock itself dies with the process)."""
     os.ftruncate(fd, 0)
     os.pwrite(fd, data, 0)
-    os.fsync(fd)
 
 
 def _read_text(path: Path) -> str | None:

@@ -202,14 +202,9 @@ class _LinearLoRA(LoRALayer):
         return F.linear(x, self.weight)
 
 
-class _Conv1DLoRA(LoRALayer):
-    """transformers' Conv1D: weight [in, out] (`nx`, `nf`); PEFT calls it fan_in_fan_out."""
-
-    def _lora_shapes(self):
-        return (self.lora_rank, self.weight.shape[0]), (self.weight.shape[1], self.lora_rank)
-
-    def _lora_out(self, x):
-        return F.linear(F.linear(x, self.lora_a), self.lora_b)
+class _OutputsLast(LoRALayer):
+    """Layers whose weight keeps the output features in its last dimension ([in, out]: transformers'
+    Conv1D, an Embedding's [num, dim]): the delta is (BA)^T and DoRA's norms run over dim 0."""
 
     def _delta(self, a, b):
         return (b @ a).T
@@ -219,6 +214,16 @@ class _Conv1DLoRA(LoRALayer):
 
     def _weight_view(self, per_output):
         return per_output[None, :]
+
+
+class _Conv1DLoRA(_OutputsLast):
+    """transformers' Conv1D: weight [in, out] (`nx`, `nf`); PEFT calls it fan_in_fan_out."""
+
+    def _lora_shapes(self):
+        return (self.lora_rank, self.weight.shape[0]), (self.weight.shape[1], self.lora_rank)
+
+    def _lora_out(self, x):
+        return F.linear(F.linear(x, self.lora_a), self.lora_b)
 
     def _base_without_bias(self, x):
         return x @ self.weight
@@ -262,7 +267,7 @@ class _ConvLoRA(LoRALayer):
         return out
 
 
-class _EmbeddingLoRA(LoRALayer):
+class _EmbeddingLoRA(_OutputsLast):
     """nn.Embedding: weight [num_embeddings, dim]; A is looked up like the weight, B maps rank -> dim.
     DoRA scales the output features: y = m / |W + s BA| * (E[x] + s A[x] B)."""
 
@@ -277,15 +282,6 @@ class _EmbeddingLoRA(LoRALayer):
 
     def _lora_out(self, x):
         return F.embedding(x, self.lora_a.T, self.padding_idx) @ self.lora_b.T
-
-    def _delta(self, a, b):
-        return (b @ a).T
-
-    def _norm(self, weight):
-        return torch.linalg.norm(weight, dim=0)
-
-    def _weight_view(self, per_output):
-        return per_output[None, :]
 
     def forward(self, x, *args, **kwargs):
         if not self.lora_dora:

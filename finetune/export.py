@@ -31,7 +31,7 @@ from finetune.adapters import NotPeftExpressible, lora_modules, merged_state_dic
 from finetune.data import ShardSampler
 from finetune.errors import TrainingError
 from finetune.model import AppliedEdit, build_model
-from finetune.state import write_atomic, write_json
+from finetune.state import fsync_dir, write_atomic, write_json
 from finetune.task import Task, move_to
 
 log = logging.getLogger(__name__)
@@ -266,11 +266,7 @@ def _publish(staged: Path, final: Path) -> None:
     if final.is_dir():
         shutil.rmtree(final)
     os.replace(staged, final)
-    dir_fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(final.parent)
 
 
 def _discard(path: Path) -> None:

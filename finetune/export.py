@@ -294,7 +294,7 @@ def export_lora(cfg, run_dir: Path, model: nn.Module, edits: list[AppliedEdit], 
     notes: dict[str, str] = {}
     try:
         merged = unshared({k: v.contiguous().cpu() for k, v in merged_state_dict(model).items()})
-        write_atomic(staged[MERGED], lambda tmp: save_file(merged, str(tmp), metadata={**metadata, "lora": "merged"}))
+        write_atomic(staged[MERGED], lambda tmp, tensors=merged: save_file(tensors, str(tmp), metadata={**metadata, "lora": "merged"}))
         del merged
         exported[MERGED] = _build_without_lora(cfg.model, load_file(str(staged[MERGED]))).to(device)
         try:

@@ -245,12 +245,17 @@ def end_of_epoch(s: Session) -> None:
             save_weights(s.run_dir / BEST, s.model.state_dict(), s.provenance)
     p.epoch += 1
     p.batch = 0
-    save_checkpoint(s)
+    write_last(s)  # the weights were checked above
 
 
 def save_checkpoint(s: Session) -> None:
-    """checkpoints/last.pt: called on every rank (each rank's RNG goes into the file); rank 0 writes."""
+    """checkpoints/last.pt, of weights checked finite: called on every rank."""
     check_weights_finite(s)
+    write_last(s)
+
+
+def write_last(s: Session) -> None:
+    """checkpoints/last.pt: called on every rank (each rank's RNG goes into the file); rank 0 writes."""
     rngs = s.world.gather(rng_state())
     if s.world.is_main:
         save_training_state(s.run_dir / LAST, s.training_state(rngs))

@@ -160,7 +160,7 @@ def train(cfg, run_dir: Path, model, edits, plan, audit: GradAudit, resume_from:
     """Open the session, fit, and write what a run leaves: weights, curves, summary. Any exception
     on the way ends with a `failed` summary (its traceback goes to finetune.log) and is re-raised."""
     from finetune.console.progress import log_above_progress_bars
-    from finetune.loop import check_weights_finite, fit
+    from finetune.loop import fit
     from finetune.session import open_session
     from finetune.signals import StopRequest
 
@@ -171,9 +171,7 @@ def train(cfg, run_dir: Path, model, edits, plan, audit: GradAudit, resume_from:
         # the process already got).
         with StopRequest(repeat_grace_s=1.0 if world.is_distributed else 0.0) as stop, \
                 log_above_progress_bars(cfg.trainer.progress and world.is_main):
-            status = fit(session, stop)
-            if status == "completed":
-                check_weights_finite(session)  # before model.safetensors; every rank, so they stop together
+            status = fit(session, stop)  # "completed" only after an epoch end, whose weights were checked finite
     except BaseException as exc:
         if isinstance(exc, Exception):
             traceback_log.error("training failed", exc_info=exc)

@@ -25,7 +25,7 @@ from finetune.distributed import World, device_for
 from finetune.errors import CheckpointError, RunDirError
 from finetune.model import pick_device
 from finetune.policy import TrainPlan, check_optimizer_matches, param_groups, unfreeze
-from finetune.state import load_training_state, rng_state, set_rng_state
+from finetune.state import load_training_state, set_rng_state
 from finetune.task import Task
 
 log = logging.getLogger(__name__)

@@ -58,7 +58,6 @@ def completed_result(run_dir: Path, cfg) -> float | None:
     A completed job is recognised by its summary.json and the resolved config stored in its
     model.safetensors, so a sweep dir reused with other settings is never mistaken for done."""
     summary_file = run_dir / "summary.json"
-    weights = run_dir / "model.safetensors"
     try:
         summary = json.loads(summary_file.read_text())
     except (OSError, ValueError):

@@ -1,17 +1,16 @@
-"""What a run with lora ops leaves beside model.safetensors, each verified before it is written:
+"""Exports, each verified before it is written: the artifact runs over the validation data beside the
+trained model, and only one that reproduces it is moved into the run directory.
 
-- `merged.safetensors`: the adapters folded into the base weights, the adapter tensors gone: the
-  state of model B built without its lora ops, loaded into that model with strict=True here.
-- `adapter/`: the adapters alone in PEFT's format (`adapter_model.safetensors`,
-  `adapter_config.json`), plus -- as PEFT's `modules_to_save` -- every other module whose tensors
-  are not what the checkpoint gives (a new head, an inserted adapter), loaded here with
-  `peft.PeftModel.from_pretrained` onto model B without its lora ops, as built from the checkpoint.
+- A training run with lora ops writes `merged.safetensors` and `adapter/` by itself (`export_lora`).
+- `finetune-export RUN_DIR --format ...` writes the deployable artifacts of any finished run
+  (`export_run`): `merged.safetensors` (lora runs), `model.pt2` (torch.export), `model.onnx`.
 
 Verification is one pass over the validation data: every batch goes through the trained model and
-through each artifact's model, in float32, and `export_report.json` records, per artifact, the
-largest absolute difference of the outputs, the output scale (the largest absolute output of the
-trained model) and each metric of both. An artifact passes when the difference is within
-`trainer.export_tolerance` × the output scale; one that does not is not written, and the run fails.
+through each artifact's model as its user loads it (artifacts.py), in float32, and
+`export_report.json` records, per artifact, the largest absolute difference of the outputs, the
+output scale (the largest absolute output of the trained model) and each metric of both. An
+artifact passes when the difference is within the tolerance × the output scale; one that does not
+is not written, and the run (or the command) fails.
 """
 
 from __future__ import annotations
@@ -27,18 +26,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from finetune.adapters import NotPeftExpressible, lora_modules, merged_state_dict, peft_config, peft_state_dict
+from finetune.adapters import NotPeftExpressible
+from finetune.artifacts import ADAPTER, MERGED, ONNX, PROGRAM, ArtifactError, ExampleInputs, stage_merged, \
+    stage_onnx, stage_peft_adapter, stage_program
 from finetune.data import ShardSampler
 from finetune.errors import TrainingError
-from finetune.model import AppliedEdit, build_model
-from finetune.state import fsync_dir, write_atomic, write_json
+from finetune.model import AppliedEdit
+from finetune.state import fsync_dir, write_json
 from finetune.task import Task, move_to
 
 log = logging.getLogger(__name__)
 
 EXPORT_REPORT = "export_report.json"
-MERGED = "merged.safetensors"
-ADAPTER = "adapter"
 
 
 class ExportError(TrainingError):
@@ -52,6 +51,7 @@ class ArtifactCheck:
     output_scale: float | None = None  # the largest absolute output of the trained model
     metrics: dict[str, list[float]] = field(default_factory=dict)  # val/<name> -> [trained, exported]
     ok: bool | None = None  # None: not verified (see note)
+    tolerance: float | None = None  # the relative tolerance it was held to
     note: str | None = None
 
 
@@ -66,125 +66,14 @@ class ExportReport:
     def to_json(self) -> dict:
         out = asdict(self)
         for artifact in out["artifacts"]:
-            if artifact["note"] is None:
-                del artifact["note"]
+            for key in ("note", "tolerance"):
+                if artifact[key] is None:
+                    del artifact[key]
         return out
 
     @property
     def failed(self) -> list[ArtifactCheck]:
         return [a for a in self.artifacts if a.ok is False]
-
-
-# ---- building the models the artifacts load into --------------------------------------------------
-def _build_without_lora(model_cfg, state: dict[str, torch.Tensor]) -> nn.Module:
-    """Model B without its lora ops, holding `state` (strict). Built on the meta device and assigned
-    where the model allows it (no second random init of the whole model), else built normally."""
-    try:
-        with torch.device("meta"):
-            model, _ = build_model(model_cfg, lora=False)
-        model.load_state_dict(state, strict=True, assign=True)
-        if not any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
-            return model
-    except (RuntimeError, NotImplementedError, TypeError):
-        pass
-    model, _ = build_model(model_cfg, lora=False)
-    model.load_state_dict(state, strict=True)
-    return model
-
-
-def _base_from_checkpoint(cfg) -> tuple[nn.Module, list[AppliedEdit]]:
-    """What a PEFT user starts from: model B without its lora ops, loaded from checkpoint.path."""
-    from finetune.checkpoint.load import load_checkpoint
-
-    model, edits = build_model(cfg.model, lora=False)
-    load_checkpoint(model, cfg.checkpoint, edits, mmap=True)
-    return model, edits
-
-
-def _modules_to_save(model: nn.Module, base: nn.Module, base_keys: list[str]) -> list[str]:
-    """The modules of the trained model whose tensors are not the base's: the adapter must carry
-    them (PEFT's modules_to_save). Raises NotPeftExpressible where PEFT cannot say it."""
-    trained = model.state_dict()
-    base_sd = base.state_dict()
-    differs = [k for k in base_keys if k not in base_sd or trained[k].shape != base_sd[k].shape
-               or not torch.equal(trained[k], base_sd[k].to(trained[k].device))]
-    owners = sorted({k.rpartition(".")[0] for k in differs})
-    if "" in owners:
-        top = [k for k in differs if "." not in k]
-        raise NotPeftExpressible(f"top-level tensors changed in training ({', '.join(top[:4])}); PEFT's modules_to_save "
-                                 "takes modules only")
-    wrapped = lora_modules(model)
-    changed_base = [o for o in owners if o in wrapped]
-    if changed_base:
-        raise NotPeftExpressible(f"the base weights of {len(changed_base)} LoRA-wrapped module(s) changed in training "
-                                 f"({', '.join(changed_base[:4])}: policy.unfreeze or policy.train?); a PEFT adapter applies to "
-                                 "the checkpoint's base weights")
-    owners = sorted({_widest(o, set(differs), list(trained), wrapped) for o in owners})
-    top_owners = [o for o in owners if not any(o.startswith(other + ".") for other in owners)]
-    names = [n for n, _ in base.named_modules() if n]
-    for owner in top_owners:
-        inside = [w for w in wrapped if w.startswith(owner + ".")]
-        if inside:
-            raise NotPeftExpressible(f"'{owner}' changed in training and holds LoRA-wrapped modules ({inside[0]}); PEFT "
-                                     "cannot save a module that it also adapts")
-        clash = [n for n in names if n != owner and n.endswith(owner)]
-        if clash:
-            raise NotPeftExpressible(f"'{owner}' changed in training, and PEFT finds modules_to_save by name suffix: "
-                                     f"it would also take '{clash[0]}'")
-    return top_owners
-
-
-def _widest(owner: str, differs: set[str], keys: list[str], wrapped) -> str:
-    """The highest module above `owner` all of whose tensors changed and that holds no adapter (an
-    inserted `adapter`, not its `adapter.down` and `adapter.up`): the module PEFT saves whole."""
-    best = owner
-    parts = owner.split(".")
-    for depth in range(len(parts) - 1, 0, -1):
-        candidate = ".".join(parts[:depth])
-        inside = [k for k in keys if k.startswith(candidate + ".")]
-        if any(k not in differs for k in inside) or any(w.startswith(candidate + ".") for w in wrapped):
-            break
-        best = candidate
-    return best
-
-
-def write_peft_adapter(model: nn.Module, directory: Path, modules_to_save: list[str] = ()) -> dict:
-    """`directory`/adapter_model.safetensors and adapter_config.json: the model's adapters as PEFT
-    saves them, plus the whole state of each module in `modules_to_save` (under
-    `base_model.model.<module>.<tensor>`, as PEFT saves those). Returns the config written."""
-    from safetensors.torch import save_file
-
-    from finetune.storage import unshared
-
-    config = peft_config(model, list(modules_to_save))
-    tensors = peft_state_dict(model)
-    for key, value in model.state_dict().items():
-        if any(key.startswith(owner + ".") for owner in modules_to_save):
-            tensors[f"base_model.model.{key}"] = value.detach()
-    payload = unshared({k: v.contiguous().cpu() for k, v in tensors.items()})
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    write_atomic(directory / "adapter_model.safetensors", lambda tmp: save_file(payload, str(tmp), metadata={"format": "pt"}))
-    write_atomic(directory / "adapter_config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
-    return config
-
-
-def _stage_adapter(cfg, model: nn.Module, directory: Path) -> nn.Module | None:
-    """Write the PEFT adapter into `directory`; returns the PeftModel that loads it onto the base
-    built from the checkpoint (None when peft is not installed). Raises NotPeftExpressible."""
-    if not cfg.checkpoint.path:
-        raise NotPeftExpressible("checkpoint.path is null: the base weights are this run's own random init, which no "
-                                 "base model holds")
-    base, _ = _base_from_checkpoint(cfg)
-    base.to(next(model.parameters()).device)
-    lora_keys = {f"{n}.{p}" for n, m in lora_modules(model).items() for p in m.lora_param_names}
-    base_keys = [k for k in model.state_dict() if k not in lora_keys]
-    write_peft_adapter(model, directory, _modules_to_save(model, base, base_keys))
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return None
-    return PeftModel.from_pretrained(base, str(directory), is_trainable=False)
 
 
 # ---- the comparison pass ----------------------------------------------------------------------------
@@ -235,8 +124,12 @@ def compare(task_cfg, trained: nn.Module, exported: dict[str, nn.Module], loader
     totals = {name: _Totals(Task.from_config(task_cfg).to(device), device) for name in ["", *exported]}
     diffs = {name: torch.zeros((), device=device) for name in exported}
     scale = torch.zeros((), device=device)
-    for model in [trained, *exported.values()]:
-        model.eval()
+    trained.eval()
+    for model in exported.values():
+        try:
+            model.eval()
+        except NotImplementedError:  # a torch.export program: traced in eval mode already
+            pass
     batches = 0
     for batch in loader:
         batch = move_to(batch, device)
@@ -260,12 +153,19 @@ def compare(task_cfg, trained: nn.Module, exported: dict[str, nn.Module], loader
     return checks, batches
 
 
-# ---- the export -------------------------------------------------------------------------------------
+# ---- staging, publishing, reporting -----------------------------------------------------------------
+STAGING = ".export.staged"  # artifacts are written here, and moved into the run directory once verified
+FORMATS = {"safetensors": MERGED, "torch_export": PROGRAM, "onnx": ONNX}
+
+
 def _publish(staged: Path, final: Path) -> None:
-    """Move a verified artifact (file or folder) into place; a folder left by an earlier try goes."""
-    if final.is_dir():
-        shutil.rmtree(final)
-    os.replace(staged, final)
+    """Move a verified artifact (file or folder, and an ONNX file's external data) into place."""
+    for source, target in [(staged, final), (staged.with_name(staged.name + ".data"), final.with_name(final.name + ".data"))]:
+        if not source.exists():
+            continue
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(source, target)
     fsync_dir(final.parent)
 
 
@@ -276,57 +176,27 @@ def _discard(path: Path) -> None:
         path.unlink()
 
 
-def export_lora(cfg, run_dir: Path, model: nn.Module, edits: list[AppliedEdit], val_loader: DataLoader,
-                device: torch.device, metadata: dict[str, str]) -> ExportReport | None:
-    """Write, verify and record merged.safetensors and adapter/ of a run with lora ops (None: the
-    run has none). Raises ExportError, after writing export_report.json, when an artifact is
-    outside the tolerance: that artifact is not written."""
-    if not any(e.op == "lora" for e in edits):
-        return None
-    from safetensors.torch import load_file, save_file
+def _shown(name: str) -> str:
+    return f"{name}/" if name == ADAPTER else name
 
-    from finetune.storage import unshared
 
-    run_dir = Path(run_dir)
-    report = ExportReport(tolerance=float(cfg.trainer.export_tolerance))
-    staged = {MERGED: run_dir / f".{MERGED}.staged", ADAPTER: run_dir / f".{ADAPTER}.staged"}
-    exported: dict[str, nn.Module] = {}
-    notes: dict[str, str] = {}
-    try:
-        merged = unshared({k: v.contiguous().cpu() for k, v in merged_state_dict(model).items()})
-        write_atomic(staged[MERGED], lambda tmp, tensors=merged: save_file(tensors, str(tmp), metadata={**metadata, "lora": "merged"}))
-        del merged
-        exported[MERGED] = _build_without_lora(cfg.model, load_file(str(staged[MERGED]))).to(device)
-        try:
-            peft_model = _stage_adapter(cfg, model, staged[ADAPTER])
-        except NotPeftExpressible as why:
-            _discard(staged[ADAPTER])
-            report.skipped.append({"file": f"{ADAPTER}/", "reason": str(why)})
-            log.warning("%s/ not written: %s (merged.safetensors holds the fine-tuned model)", ADAPTER, why)
-        else:
-            if peft_model is None:
-                notes[ADAPTER] = "peft is not installed: written, not verified (pip install peft)"
-            else:
-                exported[ADAPTER] = peft_model.to(device)
+def verify_and_publish(task_cfg, run_dir: Path, trained: nn.Module, exported: dict[str, nn.Module], staging: Path,
+                       report: "ExportReport", loader: DataLoader, device: torch.device) -> None:
+    """One pass over `loader` comparing each staged artifact's model with `trained`; the ones within
+    the tolerance are moved from `staging` into `run_dir`. Appends a check per artifact to `report`."""
+    if not exported:
+        return
+    checks, report.batches = compare(task_cfg, trained, exported, whole_validation_set(loader), device)
+    for name, check in checks.items():
+        check.file = _shown(name)
+        check.tolerance = report.tolerance
+        check.ok = check.max_abs_diff <= report.tolerance * max(check.output_scale, 1e-12)
+        report.artifacts.append(check)
+        if check.ok:
+            _publish(staging / name, run_dir / name)
 
-        checks, report.batches = compare(cfg.task, model, exported, whole_validation_set(val_loader), device)
-        for name in (MERGED, ADAPTER):
-            shown = name if name == MERGED else f"{name}/"
-            if name in checks:
-                check = checks[name]
-                check.file = shown
-                check.ok = check.max_abs_diff <= report.tolerance * max(check.output_scale, 1e-12)
-                report.artifacts.append(check)
-            elif name in notes:
-                report.artifacts.append(ArtifactCheck(shown, note=notes[name]))
-        for check in report.artifacts:
-            name = check.file.rstrip("/")
-            if check.ok is not False:
-                _publish(staged[name], run_dir / name)
-    finally:
-        for path in staged.values():
-            _discard(path)
-    write_json(run_dir / EXPORT_REPORT, report.to_json())
+
+def log_report(report: "ExportReport") -> None:
     for check in report.artifacts:
         if check.ok is None:
             log.warning("export: %s: %s", check.file, check.note)
@@ -336,13 +206,126 @@ def export_lora(cfg, run_dir: Path, model: nn.Module, edits: list[AppliedEdit], 
                  "%.0e x output scale %.3g); %s (trained / exported)", check.file, "verified" if check.ok else "FAILED",
                  report.batches, check.max_abs_diff, report.tolerance * check.output_scale, report.tolerance,
                  check.output_scale, metrics)
-    if report.failed:
-        shown = "; ".join(f"{c.file} differs by {c.max_abs_diff:.3g} (allowed {report.tolerance:g} × output scale "
-                          f"{c.output_scale:.3g} = {report.tolerance * c.output_scale:.3g})" for c in report.failed)
-        raise ExportError(
-            f"export verification failed on the validation data: {shown}; not written (export_report.json has the numbers). "
-            "model.safetensors holds the trained weights.",
-            "a merge is exact up to float rounding: a larger difference means the model's forward does not use the "
-            "wrapped module as a plain layer (report it); if it is rounding in a large model, raise trainer.export_tolerance",
-        )
+
+
+def raise_if_failed(report: "ExportReport") -> None:
+    if not report.failed:
+        return
+    shown = "; ".join(f"{c.file} differs by {c.max_abs_diff:.3g} (allowed {report.tolerance:g} × output scale "
+                      f"{c.output_scale:.3g} = {report.tolerance * c.output_scale:.3g})" for c in report.failed)
+    raise ExportError(
+        f"export verification failed on the validation data: {shown}; not written (export_report.json has the numbers). "
+        "model.safetensors holds the trained weights.",
+        "a merge or an export is exact up to float rounding: a larger difference means the artifact does not compute "
+        "what the model does (report it); if it is rounding in a large model, raise the tolerance "
+        "(trainer.export_tolerance, finetune-export --tolerance)",
+    )
+
+
+# ---- a training run with lora ops ------------------------------------------------------------------
+def export_lora(cfg, run_dir: Path, model: nn.Module, edits: list[AppliedEdit], val_loader: DataLoader,
+                device: torch.device, metadata: dict[str, str]) -> ExportReport | None:
+    """Write, verify and record merged.safetensors and adapter/ of a run with lora ops (None: the
+    run has none). Raises ExportError, after writing export_report.json, when an artifact is
+    outside the tolerance: that artifact is not written."""
+    if not any(e.op == "lora" for e in edits):
+        return None
+    run_dir = Path(run_dir)
+    report = ExportReport(tolerance=float(cfg.trainer.export_tolerance))
+    staging = run_dir / STAGING
+    _discard(staging)
+    staging.mkdir()
+    try:
+        exported = {MERGED: stage_merged(cfg.model, model, staging / MERGED, metadata).to(device)}
+        note = None
+        try:
+            peft_model = stage_peft_adapter(cfg, model, staging / ADAPTER)
+        except NotPeftExpressible as why:
+            report.skipped.append({"file": f"{ADAPTER}/", "reason": str(why)})
+            log.warning("%s/ not written: %s (merged.safetensors holds the fine-tuned model)", ADAPTER, why)
+        else:
+            if peft_model is None:
+                note = ArtifactCheck(f"{ADAPTER}/", note="peft is not installed: written, not verified (pip install peft)")
+                _publish(staging / ADAPTER, run_dir / ADAPTER)
+            else:
+                exported[ADAPTER] = peft_model.to(device)
+        verify_and_publish(cfg.task, run_dir, model, exported, staging, report, val_loader, device)
+        if note is not None:
+            report.artifacts.append(note)
+    finally:
+        _discard(staging)
+    write_json(run_dir / EXPORT_REPORT, report.to_json())
+    log_report(report)
+    raise_if_failed(report)
     return report
+
+
+# ---- finetune-export: any finished run ------------------------------------------------------------
+def deployable_model(model_cfg, model: nn.Module, edits: list[AppliedEdit], staging: Path,
+                     metadata: dict[str, str]) -> tuple[nn.Module, bool]:
+    """The model a deployment runs: model B with its adapters merged (its merged.safetensors staged
+    in `staging`) for a run with lora ops, else the trained model itself. Also: whether it merged."""
+    if any(e.op == "lora" for e in edits):
+        return stage_merged(model_cfg, model, staging / MERGED, metadata), True
+    return model, False
+
+
+def example_inputs(task_cfg, loader: DataLoader, device: torch.device) -> ExampleInputs:
+    """The first validation batch's model inputs, as the task passes them: what the exporters trace."""
+    batch = next(iter(loader), None)
+    if batch is None:
+        raise ExportError("the validation data is empty: nothing to trace the export with, nor to verify it on.",
+                          "check data.val of the run's config")
+    args, kwargs, _ = Task.from_config(task_cfg).split(move_to(batch, device))
+    return ExampleInputs(tuple(args), dict(kwargs))
+
+
+def export_run(cfg, run_dir: Path, model: nn.Module, edits: list[AppliedEdit], val_loader: DataLoader,
+               device: torch.device, formats: list[str], tolerance: float, metadata: dict[str, str]) -> ExportReport:
+    """Write and verify the artifacts `formats` name (keys of FORMATS) for a finished run. The
+    report keeps the earlier entries of export_report.json for other files. Raises ExportError,
+    after writing the report, when an artifact is outside the tolerance: that one is not written;
+    ArtifactError when an exporter cannot convert the model (nothing written)."""
+    run_dir = Path(run_dir)
+    report = ExportReport(tolerance=float(tolerance))
+    staging = run_dir / STAGING
+    _discard(staging)
+    staging.mkdir()
+    model.eval()
+    try:
+        deployable, merged = deployable_model(cfg.model, model, edits, staging, metadata)
+        deployable.to(device).eval()
+        exported: dict[str, nn.Module] = {}
+        if "safetensors" in formats:
+            if merged:
+                exported[MERGED] = deployable
+            else:
+                report.skipped.append({"file": MERGED, "reason": "the run has no lora ops: model.safetensors is "
+                                       "already the plain model's weights"})
+        wants_program = [f for f in ("torch_export", "onnx") if f in formats]
+        if wants_program:
+            example = example_inputs(cfg.task, val_loader, device)
+            if "torch_export" in formats:
+                exported[PROGRAM] = stage_program(deployable, example, staging / PROGRAM)
+            if "onnx" in formats:
+                exported[ONNX] = stage_onnx(deployable, example, staging / ONNX)
+        verify_and_publish(cfg.task, run_dir, model, exported, staging, report, val_loader, device)
+    finally:
+        _discard(staging)
+    write_json(run_dir / EXPORT_REPORT, merged_with_earlier(run_dir / EXPORT_REPORT, report))
+    log_report(report)
+    raise_if_failed(report)
+    return report
+
+
+def merged_with_earlier(path: Path, report: ExportReport) -> dict:
+    """This report's JSON with the earlier report's entries for the files this one did not touch."""
+    out = report.to_json()
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return out
+    touched = {a["file"] for a in out["artifacts"]} | {s["file"] for s in out["skipped"]}
+    out["artifacts"] = [a for a in earlier.get("artifacts", []) if a.get("file") not in touched] + out["artifacts"]
+    out["skipped"] = [s for s in earlier.get("skipped", []) if s.get("file") not in touched] + out["skipped"]
+    return out

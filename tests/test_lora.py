@@ -292,7 +292,7 @@ def test_partly_new_modules_keep_their_loaded_tensors_on_meta_until_assigned():
 def test_peft_loads_the_adapter_onto_the_base_model_with_the_same_outputs(name, add, inputs, tmp_path):
     from peft import PeftModel
 
-    from finetune.export import write_peft_adapter
+    from finetune.artifacts import write_peft_adapter
 
     cfg = model_cfg(name, *add)
     model, _ = built(cfg)

@@ -569,7 +569,8 @@ def test_eval_of_a_run_without_a_recorded_digest_compares_the_config(finished_co
     comment passes and a changed value does not."""
     from safetensors.torch import load_file, save_file
 
-    from finetune.commands.eval import evaluate_run, recorded_metadata
+    from finetune.commands.eval import evaluate_run
+    from finetune.finished import recorded_metadata
 
     weights = finished_copy / "model.safetensors"
     metadata = recorded_metadata(weights)

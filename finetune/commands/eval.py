@@ -17,9 +17,8 @@ import sys
 from pathlib import Path
 
 from finetune.commands import report_error
-from finetune.errors import CheckpointError, FinetuneError, RunDirError
+from finetune.errors import FinetuneError
 
-WEIGHTS = "model.safetensors"
 RESULT = "eval.json"
 
 
@@ -28,70 +27,25 @@ def evaluate_run(run_dir: Path, overrides: list[str] = (), config_dirs: list[str
     """Evaluate a finished run; returns what it writes to RUN_DIR/eval.json. The run's recorded
     config is verified before anything is composed or built from it (`allow_edited_config`: an
     edited one is used with a warning, recorded in eval.json as `edited_config`)."""
-    import torch
-    from safetensors.torch import load_file
-
-    from finetune.compose import check_rebuilt_config, check_saved_config, read_recorded_run, rebuild_run_config
-    from finetune.data import build_collate, build_dataset
+    from finetune.finished import open_finished_run, validation_loader
     from finetune.loop import evaluate
-    from finetune.model import build_model, pick_device
-    from finetune.run_files import previous_status
-    from finetune.session import seed_everything
+    from finetune.model import pick_device
     from finetune.state import write_json
     from finetune.task import Task
 
-    run_dir = Path(run_dir)
-    recorded = read_recorded_run(run_dir)
-    weights = run_dir / WEIGHTS
-    if not weights.is_file():
-        status = previous_status(run_dir)
-        raise RunDirError(f"{run_dir} has no {WEIGHTS}: the run did not complete"
-                          f"{f' (summary.json status: {status})' if status else ''}.",
-                          "resume the run with the same command and hydra.run.dir, or evaluate another run")
-    metadata = recorded_metadata(weights)
-    edited = check_saved_config(run_dir, metadata.get("config_sha256"), metadata.get("config"), allow_edited_config)
-    as_run = rebuild_run_config(recorded, (), config_dirs)
-    edited += check_rebuilt_config(run_dir, as_run, metadata.get("config"), allow_edited_config)
-    cfg = rebuild_run_config(recorded, overrides, config_dirs) if overrides else as_run
-
-    seed_everything(cfg.seed)
-    model, _ = build_model(cfg.model)
-    try:
-        model.load_state_dict(load_file(str(weights)), strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{WEIGHTS} does not fit the model rebuilt from the config: {str(exc).splitlines()[0]}",
-                              "do not override model.* when evaluating a run") from exc
+    run = open_finished_run(run_dir, overrides, config_dirs, allow_edited_config)
+    cfg = run.cfg
     device = pick_device(cfg.trainer.device)
-    model.to(device)
+    run.model.to(device)
     task = Task.from_config(cfg.task).to(device)
-    loader = torch.utils.data.DataLoader(
-        build_dataset(cfg.data.val, "val"), batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
-        collate_fn=build_collate(cfg.data.get("collate")), pin_memory=cfg.data.pin_memory and device.type == "cuda")
-    metrics = evaluate(model, loader, task, device, cfg.trainer.precision)
-    result = {"metrics": {f"val/{name}": value for name, value in metrics.items()}, "weights": str(weights),
+    loader = validation_loader(cfg, device)
+    metrics = evaluate(run.model, loader, task, device, cfg.trainer.precision)
+    result = {"metrics": {f"val/{name}": value for name, value in metrics.items()}, "weights": str(run.weights),
               "samples": len(loader.dataset), "overrides": list(overrides), "config_dirs": list(config_dirs)}
-    if edited:
-        result["edited_config"] = edited
-    write_json(run_dir / RESULT, result)
+    if run.edited:
+        result["edited_config"] = run.edited
+    write_json(run.run_dir / RESULT, result)
     return result
-
-
-def recorded_metadata(weights: Path) -> dict[str, str]:
-    """What the run stored in its weights' metadata (finetune.session.provenance): the resolved
-    `config` and `config_sha256`, the digest of `.hydra/config.yaml` as the run started."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{weights} is not a readable safetensors file: {exc}",
-                              "the run's weights are damaged: resume or rerun the run") from exc
-
-
-def recorded_config(weights: Path) -> str | None:
-    """The resolved config the run stored in its weights' metadata (finetune.session.provenance)."""
-    return recorded_metadata(weights).get("config")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -327,5 +327,27 @@ def format_tensor_listing(path: str, fmt: str, infos: Sequence) -> str:
     return head + "\n" + _table(["prefix", "tensors", "numel", "size", "dtype", "e.g."], rows)
 
 
+def format_export_report(report) -> str:
+    """export.ExportReport: one row per artifact, its largest output difference against the trained
+    model, what was allowed, and each metric as trained / exported."""
+    metric_names = list(dict.fromkeys(k for a in report.artifacts for k in a.metrics))
+    rows = []
+    for a in report.artifacts:
+        if a.ok is None:
+            rows.append([a.file, "-", "-", *["-"] * len(metric_names), f"not verified: {a.note}"])
+            continue
+        allowed = a.tolerance or report.tolerance
+        rows.append([a.file, f"{a.max_abs_diff:.1e}", f"{allowed * a.output_scale:.1e}",
+                     *(f"{a.metrics[k][0]:.4g} / {a.metrics[k][1]:.4g}" if k in a.metrics else "-" for k in metric_names),
+                     "verified" if a.ok else "FAILED"])
+    head = (f"Export: {len(report.artifacts)} artifact(s) run over {report.batches} validation batches beside the trained "
+            f"model; allowed difference {report.tolerance:g} x the trained model's largest output")
+    lines = [head]
+    if rows:
+        lines.append(_table(["artifact", "max |diff|", "allowed", *(f"{k} trained / exported" for k in metric_names), ""], rows))
+    lines += [f"  not written: {s['file']}: {s['reason']}" for s in report.skipped]
+    return "\n".join(lines)
+
+
 def show(text: str) -> None:
     log.info("%s", text)

@@ -13,6 +13,7 @@ MODULES = {
     "finetune": "finetune",
     "finetune-inspect": "finetune.commands.inspect",
     "finetune-eval": "finetune.commands.eval",
+    "finetune-export": "finetune.commands.export",
     "finetune-summary": "finetune.commands.summary",
 }
 

@@ -67,11 +67,15 @@ def build_without_lora(model_cfg, state: dict[str, torch.Tensor]) -> nn.Module:
 
 
 def _base_from_checkpoint(cfg) -> tuple[nn.Module, list[AppliedEdit]]:
-    """What a PEFT user starts from: model B without its lora ops, loaded from checkpoint.path."""
-    from finetune.checkpoint.load import load_checkpoint
+    """What a PEFT user starts from: model B without its lora ops, loaded from checkpoint.path (its
+    first entry, the base weights, when it is a list)."""
+    from omegaconf import OmegaConf
 
+    from finetune.checkpoint.load import checkpoint_paths, load_checkpoint
+
+    ckpt_cfg = OmegaConf.merge(cfg.checkpoint, {"path": checkpoint_paths(cfg.checkpoint.path)[0]})
     model, edits = build_model(cfg.model, lora=False)
-    load_checkpoint(model, cfg.checkpoint, edits, mmap=True)
+    load_checkpoint(model, ckpt_cfg, edits, mmap=True)
     return model, edits
 
 

@@ -114,7 +114,8 @@ class ExpectConfig:
 
 @dataclass
 class CheckpointConfig:
-    path: Optional[str] = None  # null = train from scratch
+    # null = train from scratch; a list: the base weights, then files loaded over them (an adapter, ours or PEFT's)
+    path: Any = None
     format: CheckpointFormat = CheckpointFormat.auto
     select: str = "auto"
     remap: List[RemapRule] = field(default_factory=list)

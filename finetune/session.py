@@ -419,9 +419,12 @@ def provenance(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, str]:
     directory refuse that file once it no longer matches)."""
     from finetune.run_lock import config_sha256
 
+    from finetune.checkpoint.load import checkpoint_paths
+
+    paths = checkpoint_paths(cfg.checkpoint.path)  # several: the base, then the files loaded over it
     recorded = {
-        "source_checkpoint": str(cfg.checkpoint.path or ""),
-        "source_sha256": file_digest(cfg.checkpoint.path) if cfg.checkpoint.path else "",
+        "source_checkpoint": ",".join(paths),
+        "source_sha256": ",".join(file_digest(p) for p in paths),
         "config": OmegaConf.to_yaml(cfg, resolve=True),
         "format": "pt",
     }

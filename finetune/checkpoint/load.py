@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -357,28 +358,56 @@ def wants_low_memory(ckpt_cfg) -> bool:
         return str(setting).lower() == "true"
     if str(setting) != "auto":
         raise CheckpointError(f"checkpoint.low_memory={setting!r} is not auto, true or false.", "use auto, true or false")
-    from pathlib import Path
-
-    path = Path(str(ckpt_cfg.path)).expanduser()
+    path = Path(checkpoint_paths(ckpt_cfg.path)[0]).expanduser()
     if path.is_dir():
         return sum(f.stat().st_size for f in path.iterdir() if f.is_file()) > LOW_MEMORY_AUTO_BYTES
     return path.is_file() and path.stat().st_size > LOW_MEMORY_AUTO_BYTES
 
 
+def checkpoint_paths(path) -> list[str]:
+    """checkpoint.path as a list: null -> [], a path -> [it], a list -> its entries (the base weights
+    first, then files loaded over them: an adapter, ours or PEFT's)."""
+    from omegaconf import ListConfig
+
+    if path is None:
+        return []
+    entries = list(path) if isinstance(path, (list, tuple, ListConfig)) else [path]
+    bad = [e for e in entries if not isinstance(e, str) or not e.strip()]
+    if not entries or bad:
+        raise ConfigError(f"checkpoint.path={path!r} is not a path or a list of paths.",
+                          "checkpoint.path=base.safetensors, or checkpoint.path=[base.safetensors,adapter/adapter_model.safetensors]",
+                          group="checkpoint")
+    return [str(e) for e in entries]
+
+
 def load_checkpoint(model: nn.Module, ckpt_cfg, edits: Sequence[AppliedEdit] = (), low_memory: bool = False,
                     mmap: bool = False) -> LoadReport:
     """Read, remap, match and load `ckpt_cfg.path` into `model`; the report accounts for every key.
+    A list of paths: the first is the base (the remap, ignore, select and shape rules apply to it),
+    each later one is loaded over it (`load_over`) and listed in the report's `files`.
     `edits`: what `model.add` put in (their keys are declared by the ops). `mmap`: read safetensors
     through a memory map even when copying into a built model (under DDP the ranks then share the
     page cache instead of each holding a whole copy)."""
+    paths = checkpoint_paths(ckpt_cfg.path)
+    report = load_base(model, ckpt_cfg, paths[0], edits, low_memory, mmap)
+    if len(paths) > 1:
+        report.files.append(report.file_entry())
+        for index, path in enumerate(paths[1:], 1):
+            load_over(model, ckpt_cfg, path, index, edits, report, mmap)
+    return report
+
+
+def load_base(model: nn.Module, ckpt_cfg, path: str, edits: Sequence[AppliedEdit], low_memory: bool,
+              mmap: bool) -> LoadReport:
+    """The base checkpoint: read, remap, match, load; the report accounts for every key."""
     model_sd = model.state_dict()
     rules = shape_rules(ckpt_cfg, list(model_sd), edits)  # a config mistake fails before the checkpoint is read
-    contents = read_checkpoint(ckpt_cfg.path, ckpt_cfg.format.value, ckpt_cfg.select, zero_copy=low_memory or mmap)
+    contents = read_checkpoint(path, ckpt_cfg.format.value, ckpt_cfg.select, zero_copy=low_memory or mmap)
     keys = list(contents.state_dict)
     extra = [p for p in [dominant_prefix(keys)] if p] if contents.format == "lightning" else []
     mapping = map_keys(keys, set(model_sd), ckpt_cfg.ignore, ckpt_cfg.remap, ckpt_cfg.auto_unwrap, extra)
     report = LoadReport(
-        checkpoint=contents.files[0] if len(contents.files) == 1 else str(ckpt_cfg.path),
+        checkpoint=contents.files[0] if len(contents.files) == 1 else str(path),
         format=contents.format,
         selected=contents.selected,
         remapped=mapping.remapped,
@@ -399,3 +428,64 @@ def load_checkpoint(model: nn.Module, ckpt_cfg, edits: Sequence[AppliedEdit] = (
             ckpt_cfg.ignore, ckpt_cfg.remap, ckpt_cfg.auto_unwrap, extra,
         )
     return report
+
+
+def load_over(model: nn.Module, ckpt_cfg, path: str, index: int, edits: Sequence[AppliedEdit], report: LoadReport,
+              mmap: bool) -> None:
+    """checkpoint.path[index], loaded over what the entries before it filled: a file of model B's own
+    names (e.g. the adapters of an earlier run), or a PEFT adapter (renamed, its adapter_config.json
+    checked against the lora ops). Every tensor must land: a key the model does not have, or a shape
+    that does not fit, is an error (an adapter that loads in part is an adapter that silently does
+    something else). `report` is updated: what this file filled is loaded, no longer missing."""
+    from finetune.adapters import lora_modules
+    from finetune.checkpoint.peft import check_adapter_config, from_peft, is_peft_adapter, read_adapter_config
+
+    entry = f"checkpoint.path[{index}]"
+    model_sd = model.state_dict()
+    contents = read_checkpoint(path, "auto", "auto", zero_copy=mmap)
+    state = contents.state_dict
+    peft = is_peft_adapter(state)
+    renamed: dict[str, str] = {}
+    if peft:
+        state, renamed = from_peft(state, model_sd)
+    mapping = map_keys(list(state), set(model_sd), [], [], ckpt_cfg.auto_unwrap)
+    by_peft = {peft_key: mapping.names.get(ours, ours) for peft_key, ours in renamed.items()}
+    part = LoadReport(checkpoint=contents.files[0] if len(contents.files) == 1 else str(path),
+                      format=f"{contents.format} (peft adapter)" if peft else contents.format,
+                      remapped={**{k: v for k, v in by_peft.items() if k != v}, **mapping.remapped},
+                      unwrapped=mapping.unwrapped)
+    try:
+        match_and_load(model, state, mapping.names, ShapeRules(ShapePolicy.error), part, mapped=contents.mapped)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{entry} ({path}): {exc.problem}",
+                              "a file loaded over the base must fit the model exactly: for an adapter, set the lora "
+                              "op's rank to the adapter's (and its `at` to the modules the adapter targets)",
+                              group="checkpoint") from None
+    allowed = ckpt_cfg.expect.unexpected or []
+    stray = [k for k in part.unexpected if not any(glob_matches(g, k) for g in allowed)]
+    if stray:
+        raise CheckpointError(
+            f"{entry} ({path}): {len(stray)} tensor(s) have no place in the model: {listed(stray)}",
+            "for an adapter, wrap the modules it targets with a lora op (`at` glob) or drop the file; keys meant to "
+            "be dropped go in checkpoint.expect.unexpected", group="checkpoint")
+    modules = lora_modules(model)
+    filled = {k.rpartition(".")[0] for k in part.loaded if k.rpartition(".")[0] in modules}
+    if peft and filled:
+        config = read_adapter_config(Path(part.checkpoint))
+        if config is None:
+            report.warnings.append(f"{entry}: no adapter_config.json beside {part.checkpoint}: the adapter's "
+                                   "lora_alpha / r could not be compared with the lora ops' alpha / rank")
+        else:
+            rules = {name: e.rule for e in edits if e.op == "lora" for name in e.targets}
+            check_adapter_config(config, modules, filled, rules)
+    newly = set(part.loaded)
+    known = set(report.loaded) | newly
+    report.loaded = [k for k in model_sd if k in known]
+    report.missing = [k for k in report.missing if k not in newly]
+    report.mismatched = [m for m in report.mismatched if m.key not in newly]
+    report.declared = {k: v for k, v in report.declared.items() if k not in newly}
+    report.unexpected += part.unexpected
+    report.nonfinite.update(part.nonfinite)
+    report.tied.update(part.tied)
+    report.casts.update(part.casts)
+    report.files.append(part.file_entry())

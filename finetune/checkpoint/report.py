@@ -41,6 +41,8 @@ class LoadReport:
     tied: dict[str, str] = field(default_factory=dict)  # tied key loaded through its twin -> that twin
     nonfinite: dict[str, int] = field(default_factory=dict)  # loaded/adapted key -> how many NaN/Inf values it holds
     warnings: list[str] = field(default_factory=list)
+    # checkpoint.path as a list: each file's own part (the base first), as file_entry() gives it
+    files: list[dict] = field(default_factory=list)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -67,8 +69,16 @@ class LoadReport:
         found.update({m.key: "adapted" if m.action == "adapted" else "new" for m in self.mismatched})
         return found
 
+    def file_entry(self) -> dict:
+        """This report as one file's part of several: what it filled and what it renamed."""
+        return {"checkpoint": self.checkpoint, "format": self.format,
+                "counts": {k: v for k, v in self.counts.items() if k not in ("missing", "mismatched")},
+                "loaded": list(self.loaded), "unexpected": list(self.unexpected), "remapped": dict(self.remapped)}
+
     def to_json(self) -> dict:
         body = asdict(self)
+        if not body["files"]:
+            del body["files"]
         return {
             "checkpoint": body.pop("checkpoint"),
             "format": body.pop("format"),

@@ -191,11 +191,16 @@ def format_load_report(report: LoadReport) -> str:
                      sum(1 for k in keys if k in remapped_targets) or ""])
     c = report.counts
     lines = [
-        f"Load report: {report.checkpoint} ({report.format}{', entry ' + repr(report.selected) if report.selected else ''})",
+        f"Load report: {report.checkpoint}{f' + {len(report.files) - 1} more' if report.files else ''} ({report.format}{', entry ' + repr(report.selected) if report.selected else ''})",
         f"  {c['loaded']} loaded, {c['missing']} missing (new), {c['mismatched']} mismatched, "
         f"{c['unexpected']} unexpected, {c['ignored']} ignored, {c['remapped']} remapped",
         _table(["model keys", "keys", "loaded", "missing", "skipped", "adapted", "remapped"], rows),
     ]
+    for i, part in enumerate(report.files):
+        counts = part["counts"]
+        filled = ", ".join(group_keys(part["loaded"])) if i else f"{counts['loaded']} keys"
+        lines.append(f"  checkpoint.path[{i}] {part['checkpoint']} -- {part['format']}: {counts['loaded']} loaded "
+                     f"({filled}), {counts['remapped']} renamed, {counts['unexpected']} unexpected")
     for m in report.mismatched:
         by = f" by {m.rule}" if m.rule != Mismatch.rule else ""
         lines.append(f"  mismatched {m.key}: checkpoint {m.checkpoint_shape} -> model {m.model_shape}: {m.action}{by} ({m.detail})")

@@ -253,7 +253,7 @@ def end_of_epoch(s: Session) -> bool:
         p.best_value, p.best_epoch = monitored, p.epoch
         if s.world.is_main:  # checkpoints/best.safetensors: trainer.save=best makes it model.safetensors
             save_weights(s.run_dir / BEST, monitored_weights(s), s.provenance)
-    stop = s.world.any(early_stop_due(s, monitored))  # every rank stops at the same epoch
+    stop = s.early_stop is not None and s.world.any(early_stop_due(s, monitored))  # every rank stops at the same epoch
     if stop:
         p.stopped_early = {"epoch": p.epoch, "best_epoch": p.best_epoch}
         log.info("early stop after epoch %d of %d: %s has not improved by more than min_delta=%g for %d epochs "

@@ -103,6 +103,22 @@ def test_the_ranks_checksum_covers_the_ema():
     assert parameter_digest(model, ema.shadow) != before and parameter_digest(model) == parameter_digest(model)
 
 
+def test_curves_draw_the_ema_beside_each_validation_curve(tmp_path, monkeypatch):
+    from finetune.console import plots
+
+    rows = [(1, 4, "train", "loss", 1.2), *[(e, 4 * e, "val", name, v) for e in (1, 2) for name, v in
+            (("loss", 1.0 / e), ("acc", 0.4 * e), ("mae", 2.0 / e), ("ema/loss", 1.1 / e), ("ema/acc", 0.3 * e), ("ema/mae", 2.5 / e))]]
+    (tmp_path / "metrics.csv").write_text("epoch,step,split,name,value\n" + "".join(",".join(map(str, r)) + "\n" for r in rows))
+    drawn = []
+    monkeypatch.setattr(plots.plt, "close", lambda fig: drawn.append(fig))
+    plots.plot_metrics(tmp_path / "metrics.csv", tmp_path / "curves.png", "cross-entropy",
+                       [plots.MetricAxis("acc", 0.0, 1.0), plots.MetricAxis("mae", 0.0, None)])
+    labels = [[line.get_label() for line in ax.lines] for ax in drawn[0].axes]
+    assert labels == [["train loss", "val loss", "val loss (EMA)"], ["val acc", "val acc (EMA)"], ["val mae", "val mae (EMA)"]]
+    assert drawn[0].axes[1].lines[1].get_color() == drawn[0].axes[1].lines[0].get_color()  # the raw curve's colour
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
 @pytest.mark.parametrize("override, error, message", [
     ("trainer.ema={decy: 0.9}", ConfigError, r"trainer.ema: .*decy.* \(its keys: decay, warmup_steps, every_n_steps, device\)"),
     ("trainer.ema=1.5", ConfigError, r"trainer.ema.decay=1.5 is outside \[0, 1\)"),

@@ -256,9 +256,10 @@ def end_of_epoch(s: Session) -> bool:
     stop = s.early_stop is not None and s.world.any(early_stop_due(s, monitored))  # every rank stops at the same epoch
     if stop:
         p.stopped_early = {"epoch": p.epoch, "best_epoch": p.best_epoch}
-        log.info("early stop after epoch %d of %d: %s has not improved by more than min_delta=%g for %d epochs "
+        waited = p.epochs_without_improvement
+        log.info("early stop after epoch %d of %d: %s has not improved by more than min_delta=%g for %d epoch%s "
                  "(trainer.early_stop.patience); best %.6g at epoch %s", p.epoch, s.trainer.epochs, s.monitor,
-                 s.early_stop.min_delta, p.epochs_without_improvement, p.best_value, p.best_epoch)
+                 s.early_stop.min_delta, waited, "s" if waited != 1 else "", p.best_value, p.best_epoch)
     p.epoch += 1
     p.batch = 0
     write_last(s)  # the weights were checked above

@@ -183,11 +183,11 @@ def open_session(cfg: DictConfig, run_dir: Path, model: nn.Module, plan: TrainPl
 # compile, channels_last: floating-point rounding may differ, as between any two machines); a resume
 # may change them, and summary.json records the change in `resume_changes`. Every other key -- the
 # model, checkpoint, data, task, optim, policy, seed and the rest of trainer, keys added later too --
-# is compared (trainer.ema and trainer.early_stop too: what is averaged, when training ends). The number
+# is compared (trainer.ema but its device, and trainer.early_stop: what is averaged, when training ends). The number
 # of processes is compared as the world size (trainer.nproc or torchrun's): it sets the global batch.
 RESUME_MAY_CHANGE = ("trainer.resume", "trainer.progress", "trainer.log_every", "trainer.checkpoint_every",
                      "trainer.tensorboard", "trainer.device", "trainer.compile", "trainer.channels_last",
-                     "data.pin_memory", "logger", "logging", "dry_run_batches")
+                     "data.pin_memory", "logger", "logging", "dry_run_batches", "trainer.ema.device")
 RESUME_MAY_RAISE = ("trainer.epochs", "trainer.max_steps")  # null max_steps: no limit, the highest
 RESUME_WORLD_KEYS = ("trainer.nproc",)  # compared as the world size, by check_resume_world
 _ABSENT = "(absent)"

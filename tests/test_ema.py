@@ -50,29 +50,30 @@ def train_steps(model: nn.Module, steps: int, after_step) -> None:
 
 # ---- the update, against timm --------------------------------------------------------------------
 
-@pytest.mark.parametrize("warmup_steps", [None, 5])
-def test_update_and_warmup_match_timm_model_ema_v3_bit_for_bit(warmup_steps):
+@pytest.mark.parametrize("warmup_steps, every_n_steps", [(None, 1), (5, 1), (5, 3)])
+def test_update_and_warmup_match_timm_model_ema_v3_bit_for_bit(warmup_steps, every_n_steps):
     from timm.utils.model_ema import ModelEmaV3
 
     model = small_model()
-    ours = WeightEma(model, decay=0.8, warmup_steps=warmup_steps)
+    ours = WeightEma(model, decay=0.8, warmup_steps=warmup_steps, every_n_steps=every_n_steps)
     gamma = warmup_gamma(0.8, warmup_steps)
     theirs = ModelEmaV3(model, decay=0.8, use_warmup=gamma is not None, warmup_gamma=gamma or 1.0,
                                  exclude_buffers=True)
 
     def both(step):
         assert ours.get_decay(step) == theirs.get_decay(step)
-        ours.update(step)
-        theirs.update(model, step=step)
+        if ours.due(step):  # timm's train.py updates after every step: here after every every_n_steps
+            ours.update(step)
+            theirs.update(model, step=step)
 
-    train_steps(model, 8, both)
+    train_steps(model, 9, both)
     averaged = dict(theirs.module.named_parameters())
     for name, average in ours.shadow.items():
         assert torch.equal(average, averaged[name]), name
     assert not torch.equal(ours.shadow["0.weight"], model[0].weight)  # an average, not a copy
     assert ours.get_decay(1) == 0.0  # the first update copies the weights (timm)
     if warmup_steps:  # timm's curve, scaled to reach the decay after warmup_steps updates
-        decays = [ours.get_decay(step) for step in range(2, 9)]
+        decays = [ours.get_decay(step) for step in range(2, 10)]
         assert decays == sorted(decays) and decays[0] < 0.8 and ours.get_decay(warmup_steps + 1) == pytest.approx(0.8)
         assert decays[-1] == 0.8
 

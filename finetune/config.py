@@ -182,6 +182,26 @@ class OptimConfig:
 
 
 @dataclass
+class EmaConfig:
+    """trainer.ema: an exponential moving average of the weights (timm's ModelEmaV3), evaluated beside them."""
+
+    decay: float = 0.999  # ema <- decay * ema + (1 - decay) * weights, after every every_n_steps optimizer steps
+    # null or 0: no warm-up (the first update, at step 1, copies the weights, as in timm). N: timm's warm-up
+    # 1 - (1 + step / gamma) ** (-2/3), capped at decay, with gamma such that the cap is reached at step N.
+    warmup_steps: Optional[int] = None
+    every_n_steps: int = 1
+    device: Optional[str] = None  # null: the model's device; cpu: keep the average off the accelerator
+
+
+@dataclass
+class EarlyStopConfig:
+    """trainer.early_stop: stop when trainer.monitor has not improved for `patience` epochs."""
+
+    patience: int = 3  # epochs without an improvement of at least min_delta
+    min_delta: float = 0.0  # in the units of the monitored metric, in the direction of trainer.mode
+
+
+@dataclass
 class TrainerConfig:
     epochs: int = 3
     max_steps: Optional[int] = None
@@ -204,6 +224,8 @@ class TrainerConfig:
     # With lora ops: the merged weights and the PEFT adapter are run over the validation data beside the
     # trained model; each passes when its largest output difference is within this fraction of the output scale.
     export_tolerance: float = 1e-4
+    ema: Any = None  # {decay, warmup_steps, every_n_steps, device}: val/ema/<metric>, model_ema.safetensors
+    early_stop: Any = None  # {patience, min_delta} on trainer.monitor; summary.json stopped_early
 
 
 @dataclass
@@ -268,6 +290,57 @@ def check_no_additions(cfg, schema: type = None, where: str = "") -> None:
                 and isinstance(node, ListConfig):
             for i, item in enumerate(node):
                 check_no_additions(item, args[0], f"{name}[{i}]")
+
+
+def ema_settings(value) -> EmaConfig | None:
+    """trainer.ema as its schema (null: off). A number is the decay alone (`trainer.ema=0.999`)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = {"decay": value}
+    settings = typed_settings("trainer.ema", value, EmaConfig, "trainer.ema={decay: 0.999, warmup_steps: 100}")
+    if settings is not None:
+        from finetune.errors import ConfigError
+
+        if not 0.0 <= settings.decay < 1.0:
+            raise ConfigError(f"trainer.ema.decay={settings.decay} is outside [0, 1).", "use e.g. 0.999 (closer to 1: a longer memory)")
+        if settings.every_n_steps < 1 or (settings.warmup_steps or 0) < 0:
+            raise ConfigError(f"trainer.ema: every_n_steps={settings.every_n_steps}, warmup_steps={settings.warmup_steps}.",
+                              "every_n_steps is 1 or more; warmup_steps is null, 0 or more")
+    return settings
+
+
+def early_stop_settings(value) -> EarlyStopConfig | None:
+    """trainer.early_stop as its schema (null: off). A number is the patience alone (`trainer.early_stop=3`)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = {"patience": value}
+    settings = typed_settings("trainer.early_stop", value, EarlyStopConfig, "trainer.early_stop={patience: 3, min_delta: 0.001}")
+    if settings is not None and (settings.patience < 1 or settings.min_delta < 0):
+        from finetune.errors import ConfigError
+
+        raise ConfigError(f"trainer.early_stop: patience={settings.patience}, min_delta={settings.min_delta}.",
+                          "patience is 1 or more epochs; min_delta is 0 or more")
+    return settings
+
+
+def typed_settings(key: str, value, schema: type, example: str):
+    """A node typed Any (so that an override can set it from null) checked against its schema:
+    an unknown key or a wrong type is one ConfigError naming the keys."""
+    import dataclasses
+
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from finetune.errors import ConfigError
+
+    if value is None:
+        return None
+    names = ", ".join(f.name for f in dataclasses.fields(schema))
+    if not isinstance(value, (dict, DictConfig)):
+        raise ConfigError(f"{key}={value!r} is not a mapping of {names}.", f"write it as {example} (or null: off)")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), value)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{key}: {str(exc).splitlines()[0]} (its keys: {names}).", f"write it as {example}") from None
+    return OmegaConf.to_object(merged)
 
 
 def register_configs() -> None:

@@ -88,12 +88,13 @@ class World:
         for buffer in model.buffers():
             dist.broadcast(buffer.data, src=0)
 
-    def in_sync(self, model: nn.Module) -> bool | None:
-        """Whether every rank holds bit-identical parameters (None for one process): each rank
-        reduces its parameters to two integers and all ranks compare their MIN and MAX."""
+    def in_sync(self, model: nn.Module, extra: dict[str, torch.Tensor] | None = None) -> bool | None:
+        """Whether every rank holds bit-identical parameters (and `extra` tensors, e.g. the EMA's
+        averages; None for one process): each rank reduces them to two integers and all ranks
+        compare their MIN and MAX."""
         if not self.is_distributed:
             return None
-        digest = torch.tensor(parameter_digest(model), dtype=torch.int64)
+        digest = torch.tensor(parameter_digest(model, extra), dtype=torch.int64)
         low, high = digest.clone(), digest.clone()
         dist.all_reduce(low, op=dist.ReduceOp.MIN)
         dist.all_reduce(high, op=dist.ReduceOp.MAX)
@@ -120,14 +121,14 @@ class World:
 SINGLE = World()
 
 
-def parameter_digest(model: nn.Module) -> list[int]:
+def parameter_digest(model: nn.Module, extra: dict[str, torch.Tensor] | None = None) -> list[int]:
     """Two int64s over all parameters' bit patterns: their sum, and a sum weighted by position
     (so swapped tensors differ too). Exact: any changed bit of any element changes the sum."""
     from finetune.audit import checksums
 
-    sums = checksums({name: p for name, p in model.named_parameters()})
-    plain = sum(sums.values())
-    weighted = sum((i + 1) * s for i, s in enumerate(sums.values()))
+    sums = [*checksums(dict(model.named_parameters())).values(), *checksums(extra or {}).values()]  # each on its device
+    plain = sum(sums)
+    weighted = sum((i + 1) * s for i, s in enumerate(sums))
     return [_wrap_int64(plain), _wrap_int64(weighted)]
 
 

@@ -38,6 +38,7 @@ from finetune.task import Task, batch_size, move_to
 log = logging.getLogger(__name__)
 
 WARMUP_STEPS = 3  # steps excluded from the throughput figure
+EMA_PREFIX = "ema/"  # trainer.ema's metrics: val/ema/<name>
 
 
 def autocast(device: torch.device, precision: Precision):
@@ -56,7 +57,7 @@ def fit(s: Session, stop: StopRequest) -> str:
     net = wrap(s)
     mark = time.perf_counter()
     try:
-        while p.epoch <= t.epochs and p.step < total_steps:
+        while p.epoch <= t.epochs and p.step < total_steps and p.stopped_early is None:
             if apply_unfreezes(s):
                 net = s.model  # drop the old wrapper (and its gradient hooks) first
                 net = wrap(s)
@@ -113,7 +114,8 @@ def fit(s: Session, stop: StopRequest) -> str:
                 save_checkpoint(s)
                 return "interrupted"
             # ---- end of epoch: evaluate, keep the best, checkpoint ----
-            end_of_epoch(s)
+            if end_of_epoch(s):
+                break  # trainer.early_stop
             mark = time.perf_counter()
             if vote.settle(stop.received is not None):
                 return "interrupted"
@@ -170,6 +172,8 @@ def optimizer_step(s: Session) -> None:
     if s.scheduler is not None:
         s.scheduler.step()
     p.step += 1
+    if s.ema is not None and s.ema.due(p.step):
+        s.ema.update(p.step)
 
 
 def dry_run_pass(cfg, model: nn.Module, audit) -> int:
@@ -230,10 +234,16 @@ def evaluate(model: nn.Module, loader: DataLoader, task: Task, device: torch.dev
     return values
 
 
-def end_of_epoch(s: Session) -> None:
+def end_of_epoch(s: Session) -> bool:
+    """Evaluate (the weights, and their average under trainer.ema), keep the best, write last.pt.
+    True when trainer.early_stop ends training here."""
     p = s.progress
     s.world.broadcast_buffers(s.model)  # evaluate, on every rank, the model rank 0 saves
     val = evaluate(s.model, s.val_loader, s.task, s.device, s.trainer.precision, s.world)
+    if s.ema is not None:
+        with s.ema.swapped_in():
+            val.update({f"{EMA_PREFIX}{k}": v for k, v in
+                        evaluate(s.model, s.val_loader, s.task, s.device, s.trainer.precision, s.world).items()})
     p.final = {f"val/{k}": v for k, v in val.items()}
     s.metrics_log.log(p.epoch, p.step, "val", val)
     log.info("epoch %d/%d  step %d  %s", p.epoch, s.trainer.epochs, p.step, format_metrics(p.final))
@@ -242,10 +252,39 @@ def end_of_epoch(s: Session) -> None:
     if monitored is not None and is_better(monitored, p.best_value, s.mode):
         p.best_value, p.best_epoch = monitored, p.epoch
         if s.world.is_main:  # checkpoints/best.safetensors: trainer.save=best makes it model.safetensors
-            save_weights(s.run_dir / BEST, s.model.state_dict(), s.provenance)
+            save_weights(s.run_dir / BEST, monitored_weights(s), s.provenance)
+    stop = s.early_stop is not None and s.world.any(early_stop_due(s, monitored))  # every rank stops at the same epoch
+    if stop:
+        p.stopped_early = {"epoch": p.epoch, "best_epoch": p.best_epoch}
+        waited = p.epochs_without_improvement
+        log.info("early stop after epoch %d of %d: %s has not improved by more than min_delta=%g for %d epoch%s "
+                 "(trainer.early_stop.patience); best %.6g at epoch %s", p.epoch, s.trainer.epochs, s.monitor,
+                 s.early_stop.min_delta, waited, "s" if waited != 1 else "", p.best_value, p.best_epoch)
     p.epoch += 1
     p.batch = 0
     write_last(s)  # the weights were checked above
+    return stop
+
+
+def monitored_weights(s: Session) -> dict[str, torch.Tensor]:
+    """What trainer.monitor judged: the EMA's weights for a val/ema/ metric, else the model's."""
+    if s.ema is not None and s.monitor.startswith(f"val/{EMA_PREFIX}"):
+        return s.ema.averaged_state_dict(s.model)
+    return s.model.state_dict()
+
+
+def early_stop_due(s: Session, monitored: float | None) -> bool:
+    """trainer.early_stop (Lightning's EarlyStopping rule): an epoch improves when the monitored value
+    beats the last improvement by more than min_delta; `patience` epochs without one stop training."""
+    p, settings = s.progress, s.early_stop
+    if settings is None or monitored is None:
+        return False
+    shifted = monitored - settings.min_delta if s.mode == "max" else monitored + settings.min_delta
+    if is_better(shifted, p.early_stop_best, s.mode):
+        p.early_stop_best, p.epochs_without_improvement = monitored, 0
+        return False
+    p.epochs_without_improvement += 1
+    return p.epochs_without_improvement >= settings.patience
 
 
 def save_checkpoint(s: Session) -> None:
@@ -265,6 +304,8 @@ def check_weights_finite(s: Session) -> None:
     """Before any weights are written: parameters and buffers (BatchNorm statistics included) hold
     numbers. Every rank holds the same values, so every rank stops here together."""
     bad = nonfinite_keys(s.model.state_dict())
+    if s.ema is not None:
+        bad += [f"{name} (EMA)" for name in nonfinite_keys(s.ema.shadow)]
     if bad:
         p = s.progress
         raise TrainingError(
@@ -294,6 +335,8 @@ def apply_unfreezes(s: Session) -> bool:
         p.unfrozen.append(index)
         tensors = sum(len(g["params"]) for g in groups)
         s.audit.unfrozen.append({"index": index, "epoch": p.epoch, "step": p.step, "tensors": tensors})
+        if s.ema is not None:
+            s.ema.follow(s.model)  # averaged from their value now, which they held since the start
         log.info("unfroze %d tensors (policy.unfreeze[%d]) at epoch %d, step %d, lr %.3g",
                  tensors, index, p.epoch, p.step, float(s.base_lr * entry.lr_mult))
     if due and s.world.is_main:

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from finetune.console import tables
 from finetune.audit import GradAudit
 from finetune.checkpoint.load import NeedsNormalBuild, check_expectations, load_checkpoint, wants_low_memory
-from finetune.config import SavedWeights, check_no_additions
+from finetune.config import SavedWeights, check_no_additions, early_stop_settings, ema_settings
 from finetune.distributed import World, current_world, spawn
 from finetune.errors import ConfigError, TrainingError
 from finetune.model import build_model, pick_device
@@ -44,6 +44,8 @@ def run_held(cfg: DictConfig, run_dir: Path, world: World | None, started: float
     run_dir = Path(run_dir)
     started = time.perf_counter() if started is None else started
     check_no_additions(cfg)
+    ema_settings(cfg.trainer.ema)  # typed Any in the schema (an override sets them from null): checked here
+    early_stop_settings(cfg.trainer.early_stop)
     if world is None:
         world = current_world()
         if cfg.trainer.nproc > 1 and not cfg.dry_run:
@@ -200,7 +202,7 @@ def finish(s, edits, status: str, stop, started: float) -> dict:
     verified exports of lora runs (merged.safetensors, adapter/), summary.json."""
     world, run_dir, audit = s.world, s.run_dir, s.audit
     s.verify_frozen()
-    in_sync = world.in_sync(s.model)
+    in_sync = world.in_sync(s.model, s.ema.shadow if s.ema is not None else None)  # the EMAs agree too
     if world.is_main:
         write_trainability(run_dir, s.plan, audit)
     if audit.frozen_unchanged and audit.frozen_verified:
@@ -210,7 +212,8 @@ def finish(s, edits, status: str, stop, started: float) -> dict:
     if in_sync is False:
         fail_out_of_sync(s, started)
     if in_sync:
-        log.info("ranks in sync: all %d ranks ended with bit-identical parameters", world.size)
+        log.info("ranks in sync: all %d ranks ended with bit-identical parameters%s", world.size,
+                 " and EMA averages" if s.ema is not None else "")
     if status == "completed" and world.is_main:
         if s.trainer.save is SavedWeights.best and (run_dir / BEST).exists():
             import shutil
@@ -218,6 +221,8 @@ def finish(s, edits, status: str, stop, started: float) -> dict:
             write_atomic(run_dir / "model.safetensors", lambda tmp: shutil.copyfile(run_dir / BEST, tmp))
         else:
             save_weights(run_dir / "model.safetensors", s.model.state_dict(), s.provenance)
+        if s.ema is not None:  # its averages were checked finite at the last epoch end, as the weights were
+            save_weights(run_dir / "model_ema.safetensors", s.ema.averaged_state_dict(s.model), s.provenance)
         plot_curves(s)
         export(s, edits, started)
     extra = {"signal": stop.received, "exit_code": stop.exit_code} if stop.received else {}

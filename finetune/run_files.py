@@ -36,6 +36,7 @@ class Summary:
     final: dict = field(default_factory=dict)  # the last validation metrics
     throughput: dict = field(default_factory=lambda: {"train_samples_per_s": None})
     torch_threads: int = field(default_factory=torch.get_num_threads)
+    stopped_early: dict | None = None  # {epoch, best_epoch} when trainer.early_stop ended training
     skipped_nonfinite: int | None = None  # batches skipped under trainer.skip_nonfinite (training runs)
     skipped_samples: int | None = None  # unreadable samples skipped under data.skip_bad_samples (when on)
     error: str | None = None
@@ -59,6 +60,7 @@ class Summary:
             throughput={"train_samples_per_s": round(p.train_samples / p.train_seconds, 2) if p.train_seconds else None},
             skipped_nonfinite=p.skipped_nonfinite,
             resume_changes=dict(getattr(p, "resume_changes", None) or {}) or None,
+            stopped_early=getattr(p, "stopped_early", None),
         )
         return cls(**{**values, **fields})
 

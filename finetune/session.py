@@ -58,6 +58,10 @@ class Progress:
     skipped_nonfinite: int = 0  # batches skipped under trainer.skip_nonfinite
     world_size: int = 1  # processes that trained: `batch` counts each rank's batches
     resume_changes: dict = field(default_factory=dict)  # settings resumes changed: {dotted key: [first, latest]}
+    # trainer.early_stop: the monitored value to improve on by min_delta, epochs since it last did, the stop
+    early_stop_best: float | None = None
+    epochs_without_improvement: int = 0
+    stopped_early: dict | None = None  # {epoch, best_epoch} once it stopped
 
 
 @dataclass
@@ -85,6 +89,8 @@ class Session:
     provenance: dict[str, str]  # metadata written into every .safetensors
     resumed_from: dict | None = None  # {epoch, step} of the restored checkpoint
     frozen_checksums: dict[str, int] = field(default_factory=dict)  # frozen tensors at the start
+    ema: Any | None = None  # ema.WeightEma under trainer.ema
+    early_stop: Any | None = None  # config.EarlyStopConfig under trainer.early_stop
 
     @property
     def trainer(self):
@@ -105,6 +111,7 @@ class Session:
             "rng_ranks": rngs if self.world.is_distributed else None,
             "progress": asdict(self.progress),
             "audit": self.audit.to_json(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True),
         }
 
@@ -119,7 +126,9 @@ def open_session(cfg: DictConfig, run_dir: Path, model: nn.Module, plan: TrainPl
     # Heavy imports only when training: a dry run never builds an optimizer (that imports torch._dynamo).
     from hydra.utils import instantiate
 
+    from finetune.config import early_stop_settings, ema_settings
     from finetune.data import build_loaders
+    from finetune.ema import WeightEma
     from finetune.metrics_log import MetricsLog, NoMetricsLog, tensorboard_wanted
 
     task = Task.from_config(cfg.task)
@@ -150,7 +159,11 @@ def open_session(cfg: DictConfig, run_dir: Path, model: nn.Module, plan: TrainPl
         train_loader=train_loader, val_loader=val_loader, sampler=sampler, optimizer=optimizer, scheduler=scheduler,
         scaler=scaler, metrics_log=NoMetricsLog(), progress=progress, monitor=monitor, mode=mode,
         base_lr=lr, base_weight_decay=weight_decay, provenance=provenance(cfg, run_dir),
+        early_stop=early_stop_settings(cfg.trainer.early_stop),
     )
+    ema = ema_settings(cfg.trainer.ema)
+    if ema is not None:  # from the weights training starts from (a resume restores its own below)
+        session.ema = WeightEma.from_settings(model, ema, device)
     if state is not None:
         restore(session, state, resume.path)  # before metrics.csv is touched
         del state
@@ -170,11 +183,11 @@ def open_session(cfg: DictConfig, run_dir: Path, model: nn.Module, plan: TrainPl
 # compile, channels_last: floating-point rounding may differ, as between any two machines); a resume
 # may change them, and summary.json records the change in `resume_changes`. Every other key -- the
 # model, checkpoint, data, task, optim, policy, seed and the rest of trainer, keys added later too --
-# is compared. The number of processes is compared as the world size (trainer.nproc or torchrun's):
-# it sets the global batch.
+# is compared (trainer.ema but its device, and trainer.early_stop: what is averaged, when training ends). The number
+# of processes is compared as the world size (trainer.nproc or torchrun's): it sets the global batch.
 RESUME_MAY_CHANGE = ("trainer.resume", "trainer.progress", "trainer.log_every", "trainer.checkpoint_every",
                      "trainer.tensorboard", "trainer.device", "trainer.compile", "trainer.channels_last",
-                     "data.pin_memory", "logger", "logging", "dry_run_batches")
+                     "data.pin_memory", "logger", "logging", "dry_run_batches", "trainer.ema.device")
 RESUME_MAY_RAISE = ("trainer.epochs", "trainer.max_steps")  # null max_steps: no limit, the highest
 RESUME_WORLD_KEYS = ("trainer.nproc",)  # compared as the world size, by check_resume_world
 _ABSENT = "(absent)"
@@ -321,6 +334,9 @@ def restore(s: Session, state: dict, path: Path | None = None) -> None:
         for key, value in state["audit"].items():
             setattr(s.audit, key, value)
         restore_rng(state, s.world, s.cfg.seed)
+        if s.ema is not None:
+            s.ema.follow(s.model)  # the parameters the restored unfreezes made trainable
+            s.ema.load_state_dict(state["ema"])
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
         raise CheckpointError(
             f"cannot resume from {path or 'the checkpoint'}: its state does not fit this run's model and optimizer: "

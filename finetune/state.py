@@ -227,7 +227,7 @@ def check_training_state(path: Path, state: Any) -> None:
     rng = state["rng"]
     if not isinstance(rng.get("torch"), torch.Tensor) or "numpy" not in rng or "python" not in rng:
         raise refuse("its rng has no torch, numpy and python states")
-    for name in ("scheduler", "scaler"):
+    for name in ("scheduler", "scaler", "ema"):  # ema: trainer.ema's averages (finetune.ema.WeightEma)
         if state.get(name) is not None and not isinstance(state[name], dict):
             raise refuse(f"its {name} is a {type(state[name]).__name__}, not a state_dict")
 

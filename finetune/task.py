@@ -136,23 +136,30 @@ class Task:
         return ["val/loss"] + [f"val/{key}" for key in self.metrics]
 
     def monitor(self, trainer) -> tuple[str, str]:
-        """(metric, "max" | "min") for trainer.monitor / trainer.mode, `auto` resolved from the task."""
+        """(metric, "max" | "min") for trainer.monitor / trainer.mode, `auto` resolved from the task.
+        Under trainer.ema, val/ema/<name> (the average's value of val/<name>) may be monitored too."""
         monitor = trainer.monitor
         if monitor == "auto":
             monitor = self.cfg.monitor or (f"val/{next(iter(self.metrics))}" if self.metrics else "val/loss")
-        if monitor not in self.metric_names():
+        averaged = monitor.startswith("val/ema/")
+        metric = "val/" + monitor.removeprefix("val/ema/") if averaged else monitor
+        if averaged and trainer.get("ema") is None:
+            raise TaskError(f"trainer.monitor={monitor} is a metric of the weights' average, and trainer.ema is null.",
+                            f"set trainer.ema (e.g. trainer.ema={{decay: 0.999}}), or monitor {metric}")
+        if metric not in self.metric_names():
+            with_ema = [f"val/ema/{n.removeprefix('val/')}" for n in self.metric_names()] if trainer.get("ema") is not None else []
             raise TaskError(
-                f"trainer.monitor={monitor}, but task {self.name} logs {', '.join(self.metric_names())}.",
+                f"trainer.monitor={monitor}, but task {self.name} logs {', '.join(self.metric_names() + with_ema)}.",
                 "set trainer.monitor to one of those (or auto), or add the metric under task.metrics",
             )
         mode = _value(trainer.mode)
-        if mode == "auto" and monitor == (self.cfg.monitor or monitor):
+        if mode == "auto" and metric == (self.cfg.monitor or metric):
             mode = _value(self.cfg.mode)
         if mode == "auto":
-            if monitor == "val/loss":
+            if metric == "val/loss":
                 mode = "min"
             else:
-                higher = getattr(self.metrics[monitor.removeprefix("val/")], "higher_is_better", None)
+                higher = getattr(self.metrics[metric.removeprefix("val/")], "higher_is_better", None)
                 if higher is None:
                     raise TaskError(f"trainer.mode=auto, but {monitor} does not say whether higher is better.",
                                     "set trainer.mode=max or trainer.mode=min")

@@ -13,6 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from finetune.metrics_log import read_metrics  # noqa: E402
 
+EMA = "ema/"  # trainer.ema's validation metrics: val/ema/<name> (loop.EMA_PREFIX)
+
 
 @dataclass
 class MetricAxis:
@@ -29,7 +31,8 @@ class MetricAxis:
 
 def plot_metrics(metrics_csv: Path, out: Path, loss_label: str = "loss", metrics: list[MetricAxis] = ()) -> None:
     """One loss panel (train and val, and the parts of a dict of losses), one panel for the metrics
-    that live in [0, 1] (accuracy, F1, mIoU...), and one panel each for the others (MAE, perplexity)."""
+    that live in [0, 1] (accuracy, F1, mIoU...), and one panel each for the others (MAE, perplexity).
+    Under trainer.ema each validation curve has the EMA's (val/ema/<name>) beside it, dashed, in its colour."""
     from finetune.state import write_atomic
 
     series: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
@@ -46,22 +49,26 @@ def plot_metrics(metrics_csv: Path, out: Path, loss_label: str = "loss", metrics
     known = {("train", "loss"), ("train", "lr")} | {("val", m.name) for m in metrics}
     for split, style in (("train", "-"), ("val", "o-")):
         for (s, name), points in sorted(series.items()):
-            if s != split or (name != "loss" and (s, name) in known) or name == "lr":
+            if s != split or (name != "loss" and (s, name) in known) or name == "lr" or name.startswith(EMA):
                 continue
             steps, values = zip(*points)
             dashed = "--" if name != "loss" else style
-            ax_loss.plot(steps, values, dashed if split == "train" else style, label=f"{split} {name}", markersize=4)
+            line = ax_loss.plot(steps, values, dashed if split == "train" else style, label=f"{split} {name}", markersize=4)
+            if split == "val" and name == "loss":
+                plot_ema(ax_loss, series, name, line[0].get_color())
     ax_loss.set(xlabel="optimizer step", ylabel=loss_label, title="loss")
     if scores:
         ax = axes.pop(0)
         for m in scores:
             steps, values = zip(*series[("val", m.name)])
-            ax.plot(steps, values, "o-", label=f"val {m.name}", markersize=4)
+            line = ax.plot(steps, values, "o-", label=f"val {m.name}", markersize=4)
+            plot_ema(ax, series, m.name, line[0].get_color())
         ylabel = scores[0].name if len(scores) == 1 else "score"
         ax.set(xlabel="optimizer step", ylabel=ylabel, title="validation " + ", ".join(m.name for m in scores), ylim=(0, 1.02))
     for ax, m in zip(axes, others):
         steps, values = zip(*series[("val", m.name)])
-        ax.plot(steps, values, "o-", label=f"val {m.name}", markersize=4)
+        line = ax.plot(steps, values, "o-", label=f"val {m.name}", markersize=4)
+        values = values + plot_ema(ax, series, m.name, line[0].get_color())
         ax.set(xlabel="optimizer step", ylabel=m.name, title=f"validation {m.name}")
         if m.lower is not None and min(values) >= m.lower:
             ax.set_ylim(bottom=m.lower if m.lower == 0.0 else None)
@@ -72,6 +79,16 @@ def plot_metrics(metrics_csv: Path, out: Path, loss_label: str = "loss", metrics
     fig.tight_layout()
     write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
+
+
+def plot_ema(ax, series: dict, name: str, color: str) -> tuple[float, ...]:
+    """val/ema/<name> beside val/<name>, when trainer.ema logged it; returns its values."""
+    points = series.get(("val", EMA + name))
+    if not points:
+        return ()
+    steps, values = zip(*points)
+    ax.plot(steps, values, "s--", color=color, label=f"val {name} (EMA)", markersize=4, alpha=0.85)
+    return values
 
 
 def swept_values(rows: list[dict]) -> dict[str, list[str | None]]:

@@ -5,6 +5,7 @@
     python scripts/bench.py train            # training throughput vs a hand-written loop (classification)
     python scripts/bench.py train_lm         # the same for a causal LM (task=causal_lm, dict batches)
     python scripts/bench.py load             # 1 GB checkpoint: finetune dry run vs the textbook and bare recipes
+    python scripts/bench.py lora             # LoRA rank 8 vs a full fine-tune of the text demo's model: step time, state bytes
     python scripts/bench.py all --out bench_results.json
 
 Results are printed and written as JSON (default: bench_results.json).
@@ -527,12 +528,70 @@ def bench_load(rounds: int = 3, width: int = 4096, depth: int = 16) -> dict:
     }
 
 
+LORA_OPS = ("model.add=[{op: lora, at: 'blocks.*.attn.*', rank: 8, alpha: 16},"
+            "{op: lora, at: 'blocks.*.mlp.*', rank: 8, alpha: 16}]")
+
+
+def training_state_bytes(run_dir: Path) -> dict:
+    """What training holds beside the weights, from the run's checkpoints/last.pt: the gradients (one
+    per trainable parameter, its size) and the optimizer's state tensors (AdamW: two moments)."""
+    state = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    trainability = json.loads((run_dir / "trainability.json").read_text())
+    trainable = sum(p["numel"] for p in trainability["params"] if p["trainable"])
+    total = sum(p["numel"] for p in trainability["params"])
+    optimizer = sum(t.numel() * t.element_size() for entry in state["optimizer"]["state"].values()
+                    for t in entry.values() if isinstance(t, torch.Tensor) and t.dim() > 0)
+    return {"trainable": trainable, "params": total, "grad_bytes": trainable * 4, "optimizer_state_bytes": optimizer}
+
+
+def bench_lora(rounds: int = 3, epochs: int = 2) -> dict:
+    """LoRA rank 8 on every attention and MLP Linear (qkv, proj, fc, proj of each block) of the text
+    demo's TinyGPT against a full fine-tune of the same model, alternated, same data and budget:
+    the step time (from each run's throughput), gradient + optimizer-state bytes (from last.pt) and
+    the trainable fraction. Also at width 256 (same architecture, from scratch), where rank 8 is a
+    smaller part of each layer."""
+    from finetune.run import run
+
+    common = ["experiment=text_demo", "trainer.progress=false", "trainer.tensorboard=false", f"trainer.epochs={epochs}"]
+    variants = {  # (overrides of both runs, of the lora run)
+        "text_demo (d_model 64)": ([], []),
+        # from scratch (the shipped model A is 64 wide): every tensor is new, so policy=lora freezes new ones
+        "d_model 256": (["checkpoint.path=null", "checkpoint.expect.missing=null", "model.base.d_model=256"], ["policy.new=freeze"]),
+    }
+    results = {}
+    for label, (extra, lora_extra) in variants.items():
+        runs = {"full": [*common, *extra, "model.add=[]"],
+                "lora": [*common, *extra, LORA_OPS, "policy=lora", *lora_extra, "optim.optimizer.lr=1e-2"]}
+        rates: dict[str, list[float]] = {"full": [], "lora": []}
+        state: dict[str, dict] = {}
+        for _ in range(rounds):
+            for name, overrides in runs.items():
+                with tempfile.TemporaryDirectory() as tmp:
+                    summary = run(compose(overrides), Path(tmp))
+                    rates[name].append(summary["throughput"]["train_samples_per_s"])
+                    state[name] = training_state_bytes(Path(tmp))
+            print(f"lora  {label}: full {rates['full'][-1]:7.1f} samples/s   lora {rates['lora'][-1]:7.1f} samples/s")
+        step_ratios = sorted(f / l for f, l in zip(rates["full"], rates["lora"]))  # time per step: lora / full
+        held = {n: state[n]["grad_bytes"] + state[n]["optimizer_state_bytes"] for n in state}
+        results[label] = {
+            "step_time_ratios": [round(r, 4) for r in step_ratios], "median_step_time_ratio": round(step_ratios[len(step_ratios) // 2], 4),
+            "full_samples_per_s": rates["full"], "lora_samples_per_s": rates["lora"],
+            "grad_plus_optimizer_bytes": held, "bytes_ratio": round(held["lora"] / held["full"], 4),
+            "trainable_fraction": round(state["lora"]["trainable"] / state["lora"]["params"], 4),
+            "trainable": {n: state[n]["trainable"] for n in state}, "params": {n: state[n]["params"] for n in state},
+        }
+        r = results[label]
+        print(f"lora  {label}: step time lora / full {r['median_step_time_ratio']:.3f} (target <= 1.0); "
+              f"grad + optimizer bytes {r['bytes_ratio']:.3f} (target <= 0.1); trainable {r['trainable_fraction']:.1%}")
+    return {"rank": 8, "epochs": epochs, "rounds": rounds, **results}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     if len(sys.argv) > 1 and sys.argv[1] == "_load_child":  # one measurement of `bench_load`, in its own process
         load_child(*sys.argv[2:9])
         return
-    parser.add_argument("what", nargs="?", default="all", choices=["audit", "train", "train_lm", "load", "sweep", "all"])
+    parser.add_argument("what", nargs="?", default="all", choices=["audit", "train", "train_lm", "load", "sweep", "lora", "all"])
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results.json")
     args = parser.parse_args()
     os.environ.setdefault("FINETUNE_CACHE", str(Path(tempfile.gettempdir()) / "finetune-bench-cache"))
@@ -550,6 +609,8 @@ def main() -> None:
         results["load"] = bench_load()
     if args.what in ("sweep", "all"):
         results["sweep"] = bench_sweep()
+    if args.what in ("lora", "all"):
+        results["lora"] = bench_lora()
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
     previous.update(results)
     args.out.write_text(json.dumps(previous, indent=2) + "\n")

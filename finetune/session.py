@@ -85,6 +85,7 @@ class Session:
     provenance: dict[str, str]  # metadata written into every .safetensors
     resumed_from: dict | None = None  # {epoch, step} of the restored checkpoint
     frozen_checksums: dict[str, int] = field(default_factory=dict)  # frozen tensors at the start
+    batch_transform: Any | None = None  # data.batch_transform (batch_transform.BatchTransform): training batches only
 
     @property
     def trainer(self):
@@ -119,6 +120,7 @@ def open_session(cfg: DictConfig, run_dir: Path, model: nn.Module, plan: TrainPl
     # Heavy imports only when training: a dry run never builds an optimizer (that imports torch._dynamo).
     from hydra.utils import instantiate
 
+    from finetune.batch_transform import build_batch_transform
     from finetune.data import build_loaders
     from finetune.metrics_log import MetricsLog, NoMetricsLog, tensorboard_wanted
 
@@ -150,6 +152,7 @@ def open_session(cfg: DictConfig, run_dir: Path, model: nn.Module, plan: TrainPl
         train_loader=train_loader, val_loader=val_loader, sampler=sampler, optimizer=optimizer, scheduler=scheduler,
         scaler=scaler, metrics_log=NoMetricsLog(), progress=progress, monitor=monitor, mode=mode,
         base_lr=lr, base_weight_decay=weight_decay, provenance=provenance(cfg, run_dir),
+        batch_transform=build_batch_transform(cfg.data.batch_transform),
     )
     if state is not None:
         restore(session, state, resume.path)  # before metrics.csv is touched
@@ -345,7 +348,7 @@ def add_unfrozen_groups(s: Session, index: int) -> list[dict]:
     """policy.unfreeze[index]: make its parameters trainable and give them optimizer groups that
     follow the schedule."""
     entry = s.policy.unfreeze[index]
-    groups = unfreeze(s.model, entry, index, s.base_lr, s.base_weight_decay, s.policy.decay_norm_and_bias)
+    groups = unfreeze(s.model, entry, index, s.base_lr, s.base_weight_decay, s.policy.decay_norm_and_bias, s.plan)
     for group in groups:
         s.optimizer.add_param_group(group)
         add_group_to_scheduler(s.scheduler, group)

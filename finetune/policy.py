@@ -27,7 +27,7 @@ from torch import nn
 
 from finetune.config import NewParams, NormMode
 from finetune.errors import PolicyError
-from finetune.layer_decay import LayerDepths, check_layer_decay, depth_scale, layer_depths
+from finetune.layer_decay import check_layer_decay, depth_scale, layer_depths
 from finetune.matching import glob_matches, require_matches
 
 log = logging.getLogger(__name__)

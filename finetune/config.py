@@ -153,6 +153,11 @@ class PolicyConfig:
     unfreeze: List[UnfreezeStep] = field(default_factory=list)
     allow_no_grad: List[str] = field(default_factory=list)  # trainable params allowed to get no gradient
     decay_norm_and_bias: bool = False  # false: biases and 1-D (norm) weights get weight_decay 0
+    # Layer-wise lr decay: lr × layer_decay^(max_depth − depth) (e.g. 0.75); null: off. New parameters have no
+    # depth: they keep new_lr_mult. The depth: from layer_groups if given, else the model's group_matcher (timm),
+    # else the order of its top-level modules (blocks of a container split).
+    layer_decay: Optional[float] = None
+    layer_groups: List[str] = field(default_factory=list)  # regexes over parameter names, input to output
 
 
 @dataclass
@@ -168,6 +173,10 @@ class DataConfig:
     pin_memory: bool = False
     persistent_workers: bool = False
     collate: Any = None  # {_target_: ...} returning a collate_fn(list of samples) -> batch; null: torch's default
+    # {_target_: ...}: a callable applied to each training batch on the device, e.g. torchvision.transforms.v2's
+    # MixUp / CutMix (or a RandomChoice of both); never to validation batches. null: none.
+    batch_transform: Any = None
+    num_classes: Optional[int] = None  # the data's number of classes, for configs to interpolate (${data.num_classes})
     skip_bad_samples: bool = False  # an unreadable sample (corrupt image): false stops naming the file; true skips and counts it
     tokenizer: Optional[str] = None  # text data: a tokenizer directory or tokenizer.json, for configs to interpolate
     max_length: Optional[int] = None  # text data: tokens per sequence, for configs to interpolate

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from finetune.audit import audit_gradients, recheck_zero_gradients, report_unsettled
+from finetune.batch_transform import BatchTransform, build_batch_transform, explained
 from finetune.config import Precision
 from finetune.console import tables
 from finetune.console.progress import format_metrics, progress_bar
@@ -130,12 +131,12 @@ def train_step(s: Session, net: nn.Module, batch, closes_step: bool) -> tuple[to
     """Forward and backward of one micro-batch: (its detached loss, its samples), or (None, 0)
     when the loss is non-finite and trainer.skip_nonfinite skips it."""
     t = s.trainer
-    batch = move_to(batch, s.device, channels_last=t.channels_last)
+    batch = training_batch(batch, s.device, t.channels_last, s.batch_transform)
     if t.skip_nonfinite:  # the forward of a bad batch also moves BatchNorm statistics: keep a copy
         buffers_before = [b.detach().clone() for b in s.model.buffers()]
     first = s.progress.step == 0 and s.progress.batch == 0  # model.add's modules are checked on it
     with autocast(s.device, t.precision), no_sync(s, net, closes_step), \
-            (watch_edits(s.model) if first else contextlib.nullcontext()):
+            (watch_edits(s.model) if first else contextlib.nullcontext()), explained(s.batch_transform):
         step = s.task.step(net, batch)
     loss = step.loss
     if t.skip_nonfinite and not torch.isfinite(loss):  # opt-in: costs a host sync per batch
@@ -147,6 +148,12 @@ def train_step(s: Session, net: nn.Module, batch, closes_step: bool) -> tuple[to
         return None, 0
     s.scaler.scale(loss / t.grad_accum).backward()
     return loss.detach(), batch_size(batch)
+
+
+def training_batch(batch, device: torch.device, channels_last: bool, transform: BatchTransform | None):
+    """A training batch on the device, through data.batch_transform (validation batches never are)."""
+    batch = move_to(batch, device, channels_last=channels_last)
+    return transform(batch) if transform is not None else batch
 
 
 def optimizer_step(s: Session) -> None:
@@ -189,11 +196,13 @@ def dry_run_pass(cfg, model: nn.Module, audit) -> int:
     model.to(device)
     task.to(device)
     train_loader, _, _ = build_loaders(cfg.data, cfg.seed, pin_memory=False)
+    transform = build_batch_transform(cfg.data.batch_transform)
     model.train()
     done = 0
     for batch in train_loader:
-        batch = move_to(batch, device, channels_last=cfg.trainer.channels_last)
-        with autocast(device, cfg.trainer.precision), (watch_edits(model) if done == 0 else contextlib.nullcontext()):
+        batch = training_batch(batch, device, cfg.trainer.channels_last, transform)
+        with autocast(device, cfg.trainer.precision), (watch_edits(model) if done == 0 else contextlib.nullcontext()), \
+                explained(transform):
             step = task.step(model, batch)
         (step.loss / wanted).backward()
         done += 1

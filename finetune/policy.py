@@ -9,11 +9,16 @@ the fewest parameters (`blocks.11` beats `blocks`); two groups that tie are an e
 parameter (not from the checkpoint) takes `policy.new_lr_mult`, unless a group names it with a
 glob that matches new parameters only (`head`): a new adapter inside `blocks` is not the blocks'.
 Every group that lost parameters is reported. Biases, norm weights and what the model's `no_weight_decay()` names get no decay.
+
+With `policy.layer_decay: d`, a parameter's lr is further scaled by d^(max_depth − depth), its depth
+from finetune.layer_decay; a new parameter has no depth and keeps its multiplier (`new_lr_mult`, or a
+group's). One optimizer group per (group, depth, weight decay); policy.unfreeze's groups decay too.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -22,8 +27,10 @@ from torch import nn
 
 from finetune.config import NewParams, NormMode
 from finetune.errors import PolicyError
+from finetune.layer_decay import check_layer_decay, depth_scale, layer_depths
 from finetune.matching import glob_matches, require_matches
 
+log = logging.getLogger(__name__)
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
@@ -39,6 +46,7 @@ class ParamPlan:
     group: str | None
     frozen_by: str | None = None  # model (requires_grad=False as built) | policy.freeze | policy.new
     added_by: str | None = None  # the model.add op that created the tensor inside an existing module (lora)
+    depth: int | None = None  # under policy.layer_decay: 0 at the input .. max_depth at the output; None: new
 
 
 @dataclass
@@ -60,12 +68,29 @@ class GroupPlan:
 
 
 @dataclass
+class LayerDecayPlan:
+    """policy.layer_decay as planned: lr × decay^(max_depth − depth)."""
+
+    decay: float
+    max_depth: int
+    depth_from: str  # policy.layer_groups | group_matcher | module order
+    depths: dict[str, int] = field(default_factory=dict, repr=False)  # every parameter's place, new ones too
+
+    def to_json(self) -> dict:
+        return {"decay": self.decay, "max_depth": self.max_depth, "depth_from": self.depth_from}
+
+    def scale(self, depth: int | None) -> float:
+        return 1.0 if depth is None else depth_scale(self.decay, depth, self.max_depth)
+
+
+@dataclass
 class TrainPlan:
     params: list[ParamPlan]
     groups: list[GroupPlan]
     frozen_norms: list[str] = field(default_factory=list)  # norm modules kept in eval mode
     overlaps: list[Overlap] = field(default_factory=list)  # how overlapping policy.groups were resolved
     model_no_weight_decay: list[str] = field(default_factory=list)  # the model's no_weight_decay() names
+    layer_decay: LayerDecayPlan | None = None
 
     @property
     def trainable_names(self) -> list[str]:
@@ -181,12 +206,14 @@ def _resolve(name: str, claims: list[_Claim]) -> _Claim:
 
 
 def plan_training(model: nn.Module, sources: dict[str, str], policy, lr: float, weight_decay: float,
-                  added_by: dict[str, str] | None = None) -> TrainPlan:
+                  added_by: dict[str, str] | None = None, inserted: Sequence[str] = ()) -> TrainPlan:
     """Call on the model as built and loaded, before apply_plan: parameters the model itself
     created with requires_grad=False (its constructor, or a library such as PEFT) stay frozen
     unless policy.train names them. `added_by`: parameter -> the model.add op that created it
-    inside an existing module (a lora op's adapters), for the reports."""
+    inside an existing module (a lora op's adapters), for the reports. `inserted`: the modules
+    model.add put after/before another (they take no place in the module order of layer decay)."""
     added_by = added_by or {}
+    check_layer_decay(policy)
     params = dict(model.named_parameters())
     names = list(params)
     try:
@@ -219,6 +246,8 @@ def plan_training(model: nn.Module, sources: dict[str, str], policy, lr: float, 
             return None if policy.new is NewParams.train else "policy.new"
         return "policy.freeze" if name in frozen else None
 
+    decay = plan_layer_decay(model, policy, names, sources, inserted)
+    depth_of = decay_depths(decay, sources)
     claims = _group_claims(names, policy, new_names)
     no_decay_globs = model_no_weight_decay(model) if not policy.decay_norm_and_bias else []
     groups: dict[str, GroupPlan] = {}
@@ -228,9 +257,10 @@ def plan_training(model: nn.Module, sources: dict[str, str], policy, lr: float, 
         param = params[name]
         source = sources.get(name, "checkpoint")
         why = frozen_by(name)
+        depth = depth_of.get(name)
         if why is not None:
             plans.append(ParamPlan(name, list(param.shape), param.numel(), source, False, None, None, None, why,
-                                   added_by.get(name)))
+                                   added_by.get(name), depth))
             continue
         mine = claims.get(name, [])
         claim = _resolve(name, mine) if mine else None
@@ -245,12 +275,14 @@ def plan_training(model: nn.Module, sources: dict[str, str], policy, lr: float, 
         else:
             base, mult = "default", 1.0
         wd = weight_decay if spec is None or spec.weight_decay is None else float(spec.weight_decay)
+        if depth is not None:
+            base = f"{base}/depth{depth}"
         if not policy.decay_norm_and_bias and (is_no_decay(name, param) or any(glob_matches(g, name) for g in no_decay_globs)):
             wd, base = 0.0, base + "/no_decay"
-        group_lr = lr * mult
+        group_lr = lr * mult * (decay.scale(depth) if decay is not None else 1.0)
         groups.setdefault(base, GroupPlan(base, [], group_lr, wd)).params.append(name)
         plans.append(ParamPlan(name, list(param.shape), param.numel(), source, True, group_lr, wd, base,
-                               added_by=added_by.get(name)))
+                               added_by=added_by.get(name), depth=depth))
 
     if not any(p.trainable for p in plans):
         held = sum(1 for p in plans if p.frozen_by == "model")
@@ -272,7 +304,39 @@ def plan_training(model: nn.Module, sources: dict[str, str], policy, lr: float, 
             own = [f"{mod_name}.{n}" if mod_name else n for n, _ in module.named_parameters(recurse=False)]
             if isinstance(module, _NORM_TYPES) and own and not any(n in trainable_set for n in own):
                 frozen_norms.append(mod_name)
-    return TrainPlan(plans, list(groups.values()), frozen_norms, overlaps, no_decay_globs)
+    ordered = list(groups.values())
+    if decay is not None:  # the top (full-lr) groups first: what logs as `lr` is the base schedule's
+        ordered.sort(key=lambda g: -_group_depth(g.name, decay.max_depth))
+    return TrainPlan(plans, ordered, frozen_norms, overlaps, no_decay_globs, decay)
+
+
+def plan_layer_decay(model: nn.Module, policy, names: Sequence[str], sources: dict[str, str],
+                     inserted: Sequence[str]) -> LayerDecayPlan | None:
+    """policy.layer_decay's depths (None when it is off), logged with where they came from."""
+    if policy.layer_decay is None:
+        return None
+    new_names = {n for n in names if sources.get(n, "checkpoint") == "new"}
+    depths = layer_depths(model, list(policy.layer_groups), new_names, inserted)
+    plan = LayerDecayPlan(float(policy.layer_decay), depths.max_depth, depths.source, depths.depths)
+    if depths.max_depth == 0:
+        log.warning("policy.layer_decay: every parameter is at one depth (from %s), so the decay changes nothing; "
+                    "declare the depths with policy.layer_groups", depths.source)
+    return plan
+
+
+def decay_depths(decay: LayerDecayPlan | None, sources: dict[str, str]) -> dict[str, int]:
+    """Depths of the parameters that have one: none without layer decay, none for a new parameter."""
+    if decay is None:
+        return {}
+    return {n: d for n, d in decay.depths.items() if sources.get(n, "checkpoint") != "new"}
+
+
+def _group_depth(name: str, top: int) -> int:
+    """The depth in a group's name (`default/depth3/no_decay`); a group without one sits at the top."""
+    for part in name.split("/"):
+        if part.startswith("depth") and part[5:].isdigit():
+            return int(part[5:])
+    return top + 1
 
 
 def _keep_eval(module: nn.Module, _inputs) -> None:
@@ -308,19 +372,28 @@ def unfreeze_due(policy, epoch: int, step: int) -> list[tuple[int, object]]:
     return due
 
 
-def unfreeze(model: nn.Module, entry, index: int, lr: float, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
-    """Make the entry's frozen parameters trainable; returns the optimizer groups to add
-    (one at lr × lr_mult, and its no-decay twin for biases and norm weights)."""
+def unfreeze(model: nn.Module, entry, index: int, lr: float, weight_decay: float, decay_norm_and_bias: bool,
+             plan: TrainPlan | None = None) -> list[dict]:
+    """Make the entry's frozen parameters trainable; returns the optimizer groups to add: at lr ×
+    lr_mult (× the layer decay of each depth, where policy.layer_decay is set: one group per depth,
+    top first), each with a no-decay twin for biases and norm weights."""
     names = list(dict(model.named_parameters()))
     chosen = require_matches(entry.params, names, f"policy.unfreeze[{index}].params", error=PolicyError)
     named = [(n, p) for n, p in model.named_parameters() if n in chosen and not p.requires_grad]
     for _, p in named:
         p.requires_grad_(True)
-    decay = [p for n, p in named if decay_norm_and_bias or not is_no_decay(n, p)]
-    no_decay = [p for n, p in named if not decay_norm_and_bias and is_no_decay(n, p)]
-    group_lr = lr * float(entry.lr_mult)
-    groups = [{"params": decay, "lr": group_lr, "weight_decay": weight_decay, "name": f"unfreeze[{index}]"},
-              {"params": no_decay, "lr": group_lr, "weight_decay": 0.0, "name": f"unfreeze[{index}]/no_decay"}]
+    layer_decay = plan.layer_decay if plan is not None else None
+    depth_of = {p.name: p.depth for p in plan.params if p.depth is not None} if plan is not None else {}
+    depths = sorted({depth_of.get(n) for n, _ in named}, key=lambda d: -1 if d is None else -d - 2)
+    groups = []
+    for depth in depths:
+        at_depth = [(n, p) for n, p in named if depth_of.get(n) == depth]
+        label = f"unfreeze[{index}]" + (f"/depth{depth}" if depth is not None else "")
+        group_lr = lr * float(entry.lr_mult) * (layer_decay.scale(depth) if layer_decay is not None else 1.0)
+        decay = [p for n, p in at_depth if decay_norm_and_bias or not is_no_decay(n, p)]
+        no_decay = [p for n, p in at_depth if not decay_norm_and_bias and is_no_decay(n, p)]
+        groups += [{"params": decay, "lr": group_lr, "weight_decay": weight_decay, "name": label},
+                   {"params": no_decay, "lr": group_lr, "weight_decay": 0.0, "name": f"{label}/no_decay"}]
     return [g for g in groups if g["params"]]
 
 

@@ -82,7 +82,8 @@ def run_held(cfg: DictConfig, run_dir: Path, world: World | None, started: float
 
     lr, weight_decay = optimizer_defaults(cfg.optim.optimizer)
     added_by = {key: e.rule for e in edits if e.keys is not None for key in e.keys}
-    plan = plan_training(model, sources, cfg.policy, lr, weight_decay, added_by)
+    inserted = [e.name for e in edits if e.op in ("after", "before")]
+    plan = plan_training(model, sources, cfg.policy, lr, weight_decay, added_by, inserted)
     apply_plan(model, plan)
     tables.show(tables.format_trainability(plan))
     audit = GradAudit()

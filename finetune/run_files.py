@@ -86,6 +86,7 @@ def trainability_json(plan, audit) -> dict:
         "frozen_norms": plan.frozen_norms,
         "group_overlaps": [asdict(o) for o in plan.overlaps],  # policy.groups that lost parameters to a narrower glob
         "model_no_weight_decay": plan.model_no_weight_decay,
+        "layer_decay": plan.layer_decay.to_json() if plan.layer_decay is not None else None,  # each param's `depth`
         "audit": audit.to_json(),
     }
 

@@ -91,6 +91,7 @@ class Session:
     frozen_checksums: dict[str, int] = field(default_factory=dict)  # frozen tensors at the start
     ema: Any | None = None  # ema.WeightEma under trainer.ema
     early_stop: Any | None = None  # config.EarlyStopConfig under trainer.early_stop
+    batch_transform: Any | None = None  # data.batch_transform (batch_transform.BatchTransform): training batches only
 
     @property
     def trainer(self):
@@ -127,6 +128,7 @@ def open_session(cfg: DictConfig, run_dir: Path, model: nn.Module, plan: TrainPl
     from hydra.utils import instantiate
 
     from finetune.config import early_stop_settings, ema_settings
+    from finetune.batch_transform import build_batch_transform
     from finetune.data import build_loaders
     from finetune.ema import WeightEma
     from finetune.metrics_log import MetricsLog, NoMetricsLog, tensorboard_wanted
@@ -160,6 +162,7 @@ def open_session(cfg: DictConfig, run_dir: Path, model: nn.Module, plan: TrainPl
         scaler=scaler, metrics_log=NoMetricsLog(), progress=progress, monitor=monitor, mode=mode,
         base_lr=lr, base_weight_decay=weight_decay, provenance=provenance(cfg, run_dir),
         early_stop=early_stop_settings(cfg.trainer.early_stop),
+        batch_transform=build_batch_transform(cfg.data.batch_transform),
     )
     ema = ema_settings(cfg.trainer.ema)
     if ema is not None:  # from the weights training starts from (a resume restores its own below)
@@ -361,7 +364,7 @@ def add_unfrozen_groups(s: Session, index: int) -> list[dict]:
     """policy.unfreeze[index]: make its parameters trainable and give them optimizer groups that
     follow the schedule."""
     entry = s.policy.unfreeze[index]
-    groups = unfreeze(s.model, entry, index, s.base_lr, s.base_weight_decay, s.policy.decay_norm_and_bias)
+    groups = unfreeze(s.model, entry, index, s.base_lr, s.base_weight_decay, s.policy.decay_norm_and_bias, s.plan)
     for group in groups:
         s.optimizer.add_param_group(group)
         add_group_to_scheduler(s.scheduler, group)

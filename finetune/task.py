@@ -333,10 +333,10 @@ class Task:
             return
         classes = prediction.shape[1] if prediction.dim() > 1 else 0
         soft_ok = not target.is_floating_point() or target.shape == prediction.shape
-        if classes < 2 or not soft_ok:
-            raise self.mismatch(prediction, target, ValueError(
-                f"cross-entropy needs logits over 2 or more classes (here {classes or 'none'})"
-                + ("" if soft_ok else " and float targets shaped like the logits (class probabilities)")))
+        needs = ([f"logits over 2 or more classes (here {classes or 'none'})"] if classes < 2 else []) \
+            + ([] if soft_ok else ["float targets (class probabilities) shaped like the logits"])
+        if needs:
+            raise self.mismatch(prediction, target, ValueError("cross-entropy needs " + " and ".join(needs)))
 
     def check_elementwise(self, prediction: torch.Tensor, target: Any) -> None:
         """PyTorch's elementwise losses (MSE, L1, BCE, ...) broadcast mismatched shapes with only a

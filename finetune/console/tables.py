@@ -101,9 +101,10 @@ def group_keys(keys: Iterable[str], category: Callable[[str], str] | None = None
     return out
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
+    """Columns aligned: the first `left` to the left (names), the rest to the right (numbers)."""
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
-    fmt = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    fmt = lambda r: "  ".join(str(c).ljust(w) if i < left else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
     rule = "  ".join("-" * w for w in widths)
     return "\n".join(["  " + fmt(headers), "  " + rule, *("  " + fmt(r) for r in rows)])
 
@@ -273,19 +274,69 @@ def _adapter_line(plan: TrainPlan, total: int) -> str | None:
     return f"  adapters: {'; '.join(parts)} -- {human(numel)} parameters, {100 * numel / max(1, total):.2f}% of the model"
 
 
-def format_trainability(plan: TrainPlan) -> str:
-    by_name = {p.name: p for p in plan.params if not p.added_by}
+def _module_rows(params: list) -> list[list[str]]:
+    """Rows by module prefix (indices compressed), split where trainability, source or lr differ;
+    adapters by the op that made them."""
+    by_name = {p.name: p for p in params if not p.added_by}
     kind = lambda n: _plan_kind(by_name[n])  # noqa: E731
     rows = [_trainability_row(label, [by_name[n] for n in names]) for label, names in group_keys(by_name, kind).items()]
-    rows += _adapter_rows([p for p in plan.params if p.added_by])
+    return rows + _adapter_rows([p for p in params if p.added_by])
+
+
+def _depth_label(keys: list[str], limit: int = 4) -> str:
+    """The modules at one depth: their common prefix (`blocks.3.*`), else each module's first two
+    parts (`blocks.11.*, norm.*`)."""
+    common = []
+    for parts in zip(*(k.split(".") for k in keys)):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    if common and all(len(k.split(".")) > len(common) for k in keys):
+        return ".".join(common) + ".*"
+    labels = [label for label, _, _ in _groups_at(keys, 2, lambda _key: "")]
+    return ", ".join(labels[:limit]) + (f", ... ({len(labels) - limit} more)" if len(labels) > limit else "")
+
+
+def _depth_rows(plan: TrainPlan) -> list[list[str]]:
+    """policy.layer_decay: one row per depth, input to output, with its lr factor; then the new
+    parameters (no depth), by module."""
+    decay = plan.layer_decay
+    rows = []
+    for depth in range(decay.max_depth + 1):
+        members = [p for p in plan.params if p.depth == depth]
+        if members:
+            rows.append([str(depth), *_trainability_row(_depth_label([p.name for p in members]), members),
+                         f"{decay.scale(depth):.3g}"])
+    rows += [["-", *row, "new"] for row in _module_rows([p for p in plan.params if p.depth is None])]
+    return rows
+
+
+def _groups_line(plan: TrainPlan) -> str:
+    if plan.layer_decay is not None and len(plan.groups) > 6:  # one per depth: the table shows their lrs
+        lrs = [g.lr for g in plan.groups]
+        return (f"  optimizer groups: {len(plan.groups)} (one per group, depth and weight decay; lr {min(lrs):.3g} .. "
+                f"{max(lrs):.3g}; each parameter's in trainability.json)")
+    return "  optimizer groups: " + "; ".join(f"{g.name} ({len(g.params)} tensor{'s' if len(g.params) != 1 else ''}, lr {g.lr:.3g}, wd {g.weight_decay:g})" for g in plan.groups)
+
+
+def format_trainability(plan: TrainPlan) -> str:
     totals = plan.totals()
     by_source = ", ".join(f"{src}: {human(v['trainable'])} trainable / {human(v['frozen'])} frozen" for src, v in totals["by_source"].items())
+    headers = ["parameters", "numel", "trainable", "frozen", "source", "lr"]
+    if plan.layer_decay is not None:
+        table = _table(["depth", *headers, "lr ×"], _depth_rows(plan), left=2)
+    else:
+        table = _table(headers, _module_rows(plan.params))
     lines = [
         f"Trainability: {human(totals['trainable'])} of {human(totals['params'])} parameters train "
         f"({100 * totals['trainable'] / max(1, totals['params']):.1f}%); {by_source}",
-        _table(["parameters", "numel", "trainable", "frozen", "source", "lr"], rows),
-        "  optimizer groups: " + "; ".join(f"{g.name} ({len(g.params)} tensor{'s' if len(g.params) != 1 else ''}, lr {g.lr:.3g}, wd {g.weight_decay:g})" for g in plan.groups),
+        table,
+        _groups_line(plan),
     ]
+    if plan.layer_decay is not None:
+        d = plan.layer_decay
+        lines.append(f"  layer decay {d.decay:g}: depths 0..{d.max_depth} from {d.depth_from}; lr × {d.decay:g}^({d.max_depth} − depth); "
+                     "new parameters (depth -) keep policy.new_lr_mult")
     adapter_line = _adapter_line(plan, totals["params"])
     if adapter_line:
         lines.append(adapter_line)

@@ -263,3 +263,17 @@ def abort_process(**_kwargs):
     import os
 
     os.abort()
+
+
+class RecordingTransform:
+    """A data.batch_transform that appends one line per batch it gets to the file `log` (the batch
+    size and the target's dtype) and returns the batch unchanged: which batches were transformed."""
+
+    def __init__(self, log: str):
+        self.log = log
+
+    def __call__(self, batch):
+        inputs, target = batch
+        with open(self.log, "a") as f:
+            f.write(f"{inputs.shape[0]} {str(target.dtype).removeprefix('torch.')} {inputs.device.type}\n")
+        return batch

@@ -327,7 +327,7 @@ def check_loggers(logger) -> None:
         if changed:
             raise ConfigError(
                 f"logger.{name}.{changed[0]} is set but `logger` does not list {name}: the setting would be ignored.",
-                f"add it to the list, e.g. logger=[csv,{name}] (or drop the logger.{name}.* overrides)", group="logger")
+                f"add it to the list, e.g. logger=[csv,{name}] (or drop the logger.{name}.* overrides)")
 
 
 def optional_inner(kind):

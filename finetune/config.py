@@ -297,9 +297,7 @@ def check_no_additions(cfg, schema: type = None, where: str = "") -> None:
                 f"remove the override `+{where + '.' if where else ''}{key}=...` or the key from your YAML, "
                 "or use one of those keys (README.md, Config reference)")
         node = cfg._get_node(key)
-        kind = optional_inner(hints[key])
-        if node is None or node._is_none():
-            continue
+        kind = hints[key]
         name = f"{where}.{key}" if where else str(key)
         args = typing.get_args(kind)
         if dataclasses.is_dataclass(kind):
@@ -312,8 +310,6 @@ def check_no_additions(cfg, schema: type = None, where: str = "") -> None:
 
 def check_loggers(logger) -> None:
     """Settings given to a logger that `logger` does not list would be ignored: refuse them."""
-    import dataclasses
-
     from omegaconf import OmegaConf
 
     from finetune.errors import ConfigError
@@ -328,14 +324,6 @@ def check_loggers(logger) -> None:
             raise ConfigError(
                 f"logger.{name}.{changed[0]} is set but `logger` does not list {name}: the setting would be ignored.",
                 f"add it to the list, e.g. logger=[csv,{name}] (or drop the logger.{name}.* overrides)")
-
-
-def optional_inner(kind):
-    """Optional[X] -> X (other types as they are)."""
-    import typing
-
-    args = [a for a in typing.get_args(kind) if a is not type(None)]
-    return args[0] if typing.get_origin(kind) is typing.Union and len(args) == 1 else kind
 
 
 def register_configs() -> None:

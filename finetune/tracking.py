@@ -119,15 +119,15 @@ def sqlite_file(uri: str) -> Path | None:
 
 
 def run_name(settings, run_dir: Path, job: Job) -> str:
-    if settings.run_name:
-        return settings.run_name
-    if job.label:
-        return job.label
-    run_dir = run_dir.resolve()
+    """logger.mlflow.run_name; else a sweep job's label, or the run directory (under the output root: relative)."""
+    return settings.run_name or job.label or name_of_dir(run_dir, job.output_root)
+
+
+def name_of_dir(directory: Path, root: Path) -> str:
     try:
-        return str(run_dir.relative_to(job.output_root.resolve()))
+        return str(directory.resolve().relative_to(root.resolve()))
     except ValueError:
-        return str(run_dir)
+        return str(directory.resolve())
 
 
 def flat_params(config: Any, prefix: str = "") -> dict[str, str]:
@@ -143,9 +143,17 @@ def flat_params(config: Any, prefix: str = "") -> dict[str, str]:
         for i, value in enumerate(config):
             out.update(flat_params(value, f"{prefix}.{i}" if prefix else str(i)))
         return out
-    text = {None: "null", True: "true", False: "false"}.get(config, str(config)) if not isinstance(config, (dict, list)) \
-        else ("{}" if isinstance(config, dict) else "[]")
-    return {mlflow_name(prefix): text[:PARAM_VALUE_MAX]}
+    return {mlflow_name(prefix): yaml_scalar(config)[:PARAM_VALUE_MAX]}
+
+
+def yaml_scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (dict, list)):  # empty
+        return "{}" if isinstance(value, dict) else "[]"
+    return str(value)
 
 
 def mlflow_name(name: str) -> str:
@@ -220,17 +228,10 @@ def sweep_parent(client, place: Place, experiment: str, sweep_dir: Path, job: Jo
         if client.get_run(record["run_id"]).info.status != "RUNNING":  # a sweep run again: it runs again
             client.update_run(record["run_id"], status="RUNNING")
         return record["run_id"]
-    parent = client.create_run(experiment, run_name=run_name_of_dir(sweep_dir, job.output_root),
+    parent = client.create_run(experiment, run_name=name_of_dir(sweep_dir, job.output_root),
                                tags={"finetune.sweep_dir": str(sweep_dir)})
     write_record(sweep_dir / PARENT_FILE, place, experiment, parent.info.run_id)
     return parent.info.run_id
-
-
-def run_name_of_dir(directory: Path, root: Path) -> str:
-    try:
-        return str(directory.resolve().relative_to(root.resolve()))
-    except ValueError:
-        return str(directory)
 
 
 @dataclass

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
 from finetune.errors import ConfigError
 from finetune.metrics_log import read_metrics, tensorboard_wanted
@@ -111,7 +110,9 @@ def test_a_run_in_mlflow_has_its_config_metrics_reports_weights_and_status(tiny_
     assert mlflow_client.get_experiment(found.info.experiment_id).name == "read_back"
     params = found.data.params
     assert params["optim.optimizer.lr"] == str(cfg.optim.optimizer.lr)
-    assert params["model.add.0.op"] == "replace" and params["trainer.epochs"] == "2" and params["checkpoint.path"] == str(cfg.checkpoint.path)
+    assert params["model.add.0.op"] == "replace" and params["checkpoint.path"] == str(cfg.checkpoint.path)
+    assert (params["trainer.epochs"], params["trainer.grad_accum"], params["seed"]) == ("2", "1", "0")  # not true/false
+    assert (params["dry_run"], params["trainer.max_steps"], params["policy.freeze"]) == ("false", "null", "[]")
     assert found.data.tags["team"] == "vision"
     assert found.data.tags["finetune.weights"] == str((run_dir / "model.safetensors").resolve())
     for name in ("train/loss", "train/lr", "val/loss", "val/acc"):  # every value metrics.csv has, at its step
@@ -222,8 +223,11 @@ def parent_and_children(uri: str, sweep: Path):
 
 
 @pytest.fixture
-def root_logging():
-    """Hydra's app configures the root logger for its jobs: put it back for the tests after."""
+def hydra_app_state():
+    """Hydra's app configures the root logger and keeps its last job's HydraConfig: put both back
+    for the tests after (an in-process run must not look like a job of this sweep)."""
+    from hydra.core.hydra_config import HydraConfig
+
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     yield
@@ -232,9 +236,10 @@ def root_logging():
             root.removeHandler(handler)
             handler.close()
     root.setLevel(level)
+    HydraConfig.instance().cfg = None
 
 
-def test_a_sweep_is_a_parent_run_with_a_child_per_job(tmp_path, tracking_uri, root_logging):
+def test_a_sweep_is_a_parent_run_with_a_child_per_job(tmp_path, tracking_uri, hydra_app_state):
     from finetune.commands.finetune import main
 
     sweep = tmp_path / "sweep"  # the basic launcher: the jobs run in this process, one after the other

@@ -100,8 +100,11 @@ def test_csv_is_written_whatever_is_listed(tiny_cfg, tmp_path):
 
 def test_a_run_in_mlflow_has_its_config_metrics_reports_weights_and_status(tiny_cfg, tmp_path, tracking_uri):
     run_dir = tmp_path / "run"
+    lora = ("model.add=[{op: replace, at: head, module: {_target_: torch.nn.Linear, in_features: 16, out_features: 3}}, "
+            "{op: after, at: layer1, name: adapter1, module: {_target_: finetune.modules.Adapter, channels: 16, spatial: false}}, "
+            "{op: lora, at: 'layer*', rank: 4}]")  # a lora run also writes export_report.json
     cfg = tiny_cfg(*MLFLOW, f"logger.mlflow.tracking_uri={tracking_uri}", "logger.mlflow.experiment_name=read_back",
-                   "+logger.mlflow.tags.team=vision")
+                   "+logger.mlflow.tags.team=vision", lora, "policy=lora")
     assert run(cfg, run_dir)["status"] == "completed"
 
     mlflow_client = client(tracking_uri)
@@ -110,16 +113,18 @@ def test_a_run_in_mlflow_has_its_config_metrics_reports_weights_and_status(tiny_
     assert mlflow_client.get_experiment(found.info.experiment_id).name == "read_back"
     params = found.data.params
     assert params["optim.optimizer.lr"] == str(cfg.optim.optimizer.lr)
-    assert params["model.add.0.op"] == "replace" and params["checkpoint.path"] == str(cfg.checkpoint.path)
+    assert (params["model.add.0.op"], params["model.add.2.at"]) == ("replace", "layer*")
+    assert params["checkpoint.path"] == str(cfg.checkpoint.path)
     assert (params["trainer.epochs"], params["trainer.grad_accum"], params["seed"]) == ("2", "1", "0")  # not true/false
-    assert (params["dry_run"], params["trainer.max_steps"], params["policy.freeze"]) == ("false", "null", "[]")
+    assert (params["dry_run"], params["trainer.max_steps"], params["checkpoint.remap"]) == ("false", "null", "[]")
+    assert (params["policy.freeze.0"], params["checkpoint.expect.unexpected"]) == ("*", "[]")  # list items by index
     assert found.data.tags["team"] == "vision"
     assert found.data.tags["finetune.weights"] == str((run_dir / "model.safetensors").resolve())
     for name in ("train/loss", "train/lr", "val/loss", "val/acc"):  # every value metrics.csv has, at its step
         assert same_history(history(mlflow_client, found.info.run_id, name), csv_history(run_dir, name)), name
     assert len(csv_history(run_dir, "train/loss")) >= 4  # log_every=1: one per step
     artifacts = {a.path for a in mlflow_client.list_artifacts(found.info.run_id)}
-    assert {"load_report.json", "trainability.json", "summary.json", "curves.png"} <= artifacts
+    assert {"load_report.json", "trainability.json", "export_report.json", "summary.json", "curves.png"} <= artifacts
     assert not (run_dir / "tensorboard").exists()  # not listed
 
 

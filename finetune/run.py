@@ -50,6 +50,10 @@ def run_held(cfg: DictConfig, run_dir: Path, world: World | None, started: float
         if cfg.trainer.nproc > 1 and not cfg.dry_run:
             check_distributed_config(cfg)
             return spawn(run_as_rank, cfg.trainer.nproc, pick_device(cfg.trainer.device).type, resolved(cfg), run_dir, started)
+    if cfg.logger.mlflow.enabled and world.is_main and not cfg.dry_run:
+        from finetune.tracking import warm_up
+
+        warm_up(cfg.logger.mlflow)  # while the model and data are built, not during the first training steps
     if cfg.dry_run:
         check_dry_run_dir(run_dir)
     resume_from = None if cfg.dry_run else check_run_dir(run_dir, cfg.trainer.resume)

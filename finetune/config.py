@@ -228,7 +228,9 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the model's forward (in place: state_dict keys keep their names)
     save: SavedWeights = SavedWeights.final  # what model.safetensors holds: the final or the best epoch's weights
     skip_nonfinite: bool = False  # skip batches whose loss is NaN/Inf instead of stopping (a sync per batch)
-    tensorboard: Optional[bool] = None  # null: write TensorBoard events when tensorboard is installed
+    # Older switch, kept: false turns TensorBoard off, true on (even if `logger` does not list it);
+    # null: as `logger` says (listed: on when the tensorboard package is installed).
+    tensorboard: Optional[bool] = None
     nproc: int = 1  # >1: DDP over that many processes on this machine, spawned from this run (gloo on CPU)
     # With lora ops: the merged weights and the PEFT adapter are run over the validation data beside the
     # trained model; each passes when its largest output difference is within this fraction of the output scale.
@@ -252,6 +254,42 @@ class TaskConfig:
 
 
 @dataclass
+class CsvLoggerConfig:
+    """logger.csv: no settings. metrics.csv is always written, listed or not (curves.png, sweep
+    summaries and scripts read it)."""
+
+
+@dataclass
+class TensorBoardLoggerConfig:
+    enabled: bool = False  # true when `logger` lists tensorboard (conf/logger/tensorboard.yaml sets it)
+    flush_secs: int = 120  # how often events reach the disk (SummaryWriter's flush_secs)
+
+
+@dataclass
+class MlflowLoggerConfig:
+    """logger.mlflow (finetune/tracking.py): params, metrics, reports and status of the run in MLflow."""
+
+    enabled: bool = False  # true when `logger` lists mlflow (conf/logger/mlflow.yaml sets it)
+    tracking_uri: Optional[str] = None  # null: sqlite:///<output root>/mlflow.db (the directory finetune started in)
+    experiment_name: str = "finetune"
+    run_name: Optional[str] = None  # null: the run directory (a sweep job: its number and overrides)
+    tags: Dict[str, str] = field(default_factory=dict)
+    artifact_location: Optional[str] = None  # a new experiment's; null: mlartifacts/ beside a sqlite file, else the server's
+    flush_every_s: float = 5.0  # metrics are sent in batches at most this often (a background thread)
+    close_timeout_s: float = 60.0  # the end of a run waits at most this long for MLflow, then warns and goes on
+
+
+@dataclass
+class LoggerConfig:
+    """The `logger` group (conf/logger, several at once): each one's settings; a file listed in
+    `logger` sets its `enabled`. Settings of one not enabled are refused (check_loggers)."""
+
+    csv: CsvLoggerConfig = field(default_factory=CsvLoggerConfig)
+    tensorboard: TensorBoardLoggerConfig = field(default_factory=TensorBoardLoggerConfig)
+    mlflow: MlflowLoggerConfig = field(default_factory=MlflowLoggerConfig)
+
+
+@dataclass
 class FinetuneConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -260,6 +298,7 @@ class FinetuneConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
     dry_run: bool = False
     dry_run_batches: int = 1  # a dry run passes this many training batches forward and backward; 0: load only
@@ -350,6 +389,24 @@ def typed_settings(key: str, value, schema: type, example: str):
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{key}: {str(exc).splitlines()[0]} (its keys: {names}).", f"write it as {example}") from None
     return OmegaConf.to_object(merged)
+
+
+def check_loggers(logger) -> None:
+    """Settings given to a logger that `logger` does not list would be ignored: refuse them."""
+    from omegaconf import OmegaConf
+
+    from finetune.errors import ConfigError
+
+    for name, schema in (("tensorboard", TensorBoardLoggerConfig), ("mlflow", MlflowLoggerConfig)):
+        settings = logger[name]
+        if settings.enabled:
+            continue
+        given = OmegaConf.to_container(settings, resolve=False)
+        changed = [key for key, value in given.items() if value != getattr(schema(), key)]
+        if changed:
+            raise ConfigError(
+                f"logger.{name}.{changed[0]} is set but `logger` does not list {name}: the setting would be ignored.",
+                f"add it to the list, e.g. logger=[csv,{name}] (or drop the logger.{name}.* overrides)")
 
 
 def register_configs() -> None:

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from finetune.console import tables
 from finetune.audit import GradAudit
 from finetune.checkpoint.load import NeedsNormalBuild, check_expectations, load_checkpoint, wants_low_memory
-from finetune.config import SavedWeights, check_no_additions, early_stop_settings, ema_settings
+from finetune.config import SavedWeights, check_loggers, check_no_additions, early_stop_settings, ema_settings
 from finetune.distributed import World, current_world, spawn
 from finetune.errors import ConfigError, TrainingError
 from finetune.model import build_model, pick_device
@@ -46,11 +46,16 @@ def run_held(cfg: DictConfig, run_dir: Path, world: World | None, started: float
     check_no_additions(cfg)
     ema_settings(cfg.trainer.ema)  # typed Any in the schema (an override sets them from null): checked here
     early_stop_settings(cfg.trainer.early_stop)
+    check_loggers(cfg.logger)
     if world is None:
         world = current_world()
         if cfg.trainer.nproc > 1 and not cfg.dry_run:
             check_distributed_config(cfg)
             return spawn(run_as_rank, cfg.trainer.nproc, pick_device(cfg.trainer.device).type, resolved(cfg), run_dir, started)
+    if cfg.logger.mlflow.enabled and world.is_main and not cfg.dry_run:
+        from finetune.tracking import warm_up
+
+        warm_up(cfg.logger.mlflow)  # while the model and data are built, not during the first training steps
     if cfg.dry_run:
         check_dry_run_dir(run_dir)
     resume_from = None if cfg.dry_run else check_run_dir(run_dir, cfg.trainer.resume)
@@ -180,11 +185,24 @@ def train(cfg, run_dir: Path, model, edits, plan, audit: GradAudit, resume_from:
             traceback_log.error("training failed", exc_info=exc)
         if world.is_main:
             write_failed(run_dir, session, exc, started, world)
+        end_tracking(session, "failed")
         raise
     finally:
         if session is not None:
             session.metrics_log.close()
-    return finish(session, edits, status, stop, started)
+    try:
+        summary = finish(session, edits, status, stop, started)
+    except BaseException:
+        end_tracking(session, "failed")
+        raise
+    end_tracking(session, summary["status"])
+    return summary
+
+
+def end_tracking(session, status: str) -> None:
+    """After summary.json: the trackers (MLflow) get the reports and the run's status."""
+    if session is not None:
+        session.metrics_log.end(status)
 
 
 def write_failed(run_dir: Path, session, exc: BaseException, started: float, world: World) -> None:

@@ -131,7 +131,7 @@ def open_session(cfg: DictConfig, run_dir: Path, model: nn.Module, plan: TrainPl
     from finetune.batch_transform import build_batch_transform
     from finetune.data import build_loaders
     from finetune.ema import WeightEma
-    from finetune.metrics_log import MetricsLog, NoMetricsLog, tensorboard_wanted
+    from finetune.metrics_log import NoMetricsLog, open_metrics_log
 
     task = Task.from_config(cfg.task)
     monitor, mode = task.monitor(cfg.trainer)  # an unknown monitor fails here, before any step
@@ -170,10 +170,8 @@ def open_session(cfg: DictConfig, run_dir: Path, model: nn.Module, plan: TrainPl
     if state is not None:
         restore(session, state, resume.path)  # before metrics.csv is touched
         del state
-    if world.is_main:
-        tensorboard = tensorboard_wanted(cfg.trainer.tensorboard)
-        session.metrics_log = MetricsLog(run_dir / "metrics.csv", resume_step=progress.step if resume else None,
-                                         tensorboard_dir=run_dir / "tensorboard" if tensorboard else None)
+    if world.is_main:  # only rank 0 logs (csv, TensorBoard, MLflow)
+        session.metrics_log = open_metrics_log(cfg, run_dir, resume_step=progress.step if resume else None)
     session.frozen_checksums = checksums(frozen_tensors(model, plan))
     return session
 

@@ -145,8 +145,9 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes_with_their_share_of_thr
     import os
 
     sweep = tmp_path / "sweep"
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"  # a new database: the parallel jobs create it one at a time
     done = cli("finetune", *tiny(tiny_ckpts.safetensors, sweep), "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-               "optim.optimizer.lr=1e-3,3e-3,1e-2")
+               "optim.optimizer.lr=1e-3,3e-3,1e-2", "logger=[csv,mlflow]", f"logger.mlflow.tracking_uri={tracking}")
     assert done.returncode == 0, done.stderr
     rows = read_rows(sweep / "sweep_summary.csv")
     assert [r["status"] for r in rows] == ["completed"] * 3
@@ -154,6 +155,15 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes_with_their_share_of_thr
     assert all(summary(sweep / r["job"])["torch_threads"] == threads for r in rows)
     assert len({summary(sweep / r["job"])["wall_s"] for r in rows}) >= 1
     assert not (tmp_path / "multirun").exists()  # every job went to the one sweep dir
+    # MLflow: the jobs, each in its own process, are the children of one parent run
+    assert "WARNING" not in done.stdout + done.stderr
+    from mlflow.tracking import MlflowClient
+
+    mlflow_client = MlflowClient(tracking_uri=tracking)
+    parent = mlflow_client.get_run(json.loads((sweep / "mlflow_parent_run.json").read_text())["run_id"])
+    children = mlflow_client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert parent.info.status == "FINISHED" and all(c.info.status == "FINISHED" for c in children)
+    assert sorted(c.data.params["optim.optimizer.lr"] for c in children) == ["0.001", "0.003", "0.01"]
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune.console import tables
 from finetune.audit import GradAudit
-from finetune.checkpoint.load import NeedsNormalBuild, check_expectations, load_checkpoint, wants_low_memory
+from finetune.checkpoint.load import NeedsNormalBuild, check_expectations, checkpoint_paths, load_checkpoint, wants_low_memory
 from finetune.config import SavedWeights, check_loggers, check_no_additions, early_stop_settings, ema_settings
 from finetune.distributed import World, current_world, spawn
 from finetune.errors import ConfigError, TrainingError
@@ -47,6 +47,7 @@ def run_held(cfg: DictConfig, run_dir: Path, world: World | None, started: float
     ema_settings(cfg.trainer.ema)  # typed Any in the schema (an override sets them from null): checked here
     early_stop_settings(cfg.trainer.early_stop)
     check_loggers(cfg.logger)
+    checkpoint_paths(cfg.checkpoint.path)  # typed Any (a path or a list of paths): checked before anything is built
     if world is None:
         world = current_world()
         if cfg.trainer.nproc > 1 and not cfg.dry_run:

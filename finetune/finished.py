@@ -17,6 +17,8 @@ from omegaconf import DictConfig
 from finetune.errors import CheckpointError, RunDirError
 
 WEIGHTS = "model.safetensors"
+EMA_WEIGHTS = "model_ema.safetensors"
+WEIGHT_FILES = (WEIGHTS, EMA_WEIGHTS, "checkpoints/best.safetensors")  # the weights a run writes
 
 
 @dataclass
@@ -31,8 +33,9 @@ class FinishedRun:
 
 
 def open_finished_run(run_dir: Path, overrides: Sequence[str] = (), config_dirs: Sequence[str] = (),
-                      allow_edited_config: bool = False) -> FinishedRun:
-    """The run's config verified and rebuilt, its model built and loaded strictly (on the CPU)."""
+                      allow_edited_config: bool = False, weights_file: str = WEIGHTS) -> FinishedRun:
+    """The run's config verified and rebuilt, its model built and loaded strictly (on the CPU).
+    `weights_file`: which of the run's weights (WEIGHT_FILES), model.safetensors by default."""
     from safetensors.torch import load_file
 
     from finetune.compose import check_rebuilt_config, check_saved_config, read_recorded_run, rebuild_run_config
@@ -40,12 +43,19 @@ def open_finished_run(run_dir: Path, overrides: Sequence[str] = (), config_dirs:
     from finetune.run_files import previous_status
     from finetune.session import seed_everything
 
+    if weights_file not in WEIGHT_FILES:
+        raise RunDirError(f"--weights {weights_file}: not one of the weights a run writes.",
+                          f"use one of {', '.join(WEIGHT_FILES)}")
     run_dir = Path(run_dir)
     recorded = read_recorded_run(run_dir)
-    weights = run_dir / WEIGHTS
+    weights = run_dir / weights_file
     if not weights.is_file():
         status = previous_status(run_dir)
-        raise RunDirError(f"{run_dir} has no {WEIGHTS}: the run did not complete"
+        if weights_file != WEIGHTS and (run_dir / WEIGHTS).is_file():
+            raise RunDirError(f"{run_dir} has no {weights_file}"
+                              f"{' (the run had no trainer.ema)' if weights_file == EMA_WEIGHTS else ''}.",
+                              f"evaluate {WEIGHTS}, or train with the setting that writes {weights_file}")
+        raise RunDirError(f"{run_dir} has no {weights_file}: the run did not complete"
                           f"{f' (summary.json status: {status})' if status else ''}.",
                           "resume the run with the same command and hydra.run.dir, or use another run")
     metadata = recorded_metadata(weights)
@@ -59,7 +69,7 @@ def open_finished_run(run_dir: Path, overrides: Sequence[str] = (), config_dirs:
     try:
         model.load_state_dict(load_file(str(weights)), strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"{WEIGHTS} does not fit the model rebuilt from the config: {str(exc).splitlines()[0]}",
+        raise CheckpointError(f"{weights_file} does not fit the model rebuilt from the config: {str(exc).splitlines()[0]}",
                               "do not override model.* for a finished run") from exc
     return FinishedRun(run_dir, cfg, model, edits, weights, metadata, edited)
 

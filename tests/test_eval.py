@@ -43,7 +43,8 @@ def user_conf(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_ckpts, user_conf, finetune_cache) -> dict[str, Path]:
-    """A classification run made with --config-dir and a regression run, trained side by side."""
+    """A classification run made with --config-dir, a regression run and a run with trainer.ema,
+    trained side by side."""
     import os
 
     root = tmp_path_factory.mktemp("runs")
@@ -55,6 +56,8 @@ def runs(tmp_path_factory, tiny_ckpts, user_conf, finetune_cache) -> dict[str, P
                            f"checkpoint.path={tiny_ckpts.safetensors}", "data.batch_size=12"],
         "regression": ["--config-dir", str(TESTS_CONF), "task=regression", "model=mlp_regression", "data=regression",
                        "checkpoint=none"],
+        "ema": ["--config-dir", str(TESTS_CONF), "model=tiny", "data=tiny", "checkpoint=tiny",
+                f"checkpoint.path={tiny_ckpts.safetensors}", "trainer.ema=0.5"],
     }
     procs = {name: subprocess.Popen([*command("finetune"), *extra, *COMMON, f"hydra.run.dir={root / name}"], cwd=root,
                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -120,6 +123,23 @@ def test_eval_of_a_regression_run_logs_the_tasks_metrics(run_copy):
     final = read_json(run_dir / "summary.json")["final"]
     assert set(result["metrics"]) == {"val/loss", "val/mae", "val/mse"}
     assert read_json(run_dir / "eval.json")["metrics"] == pytest.approx(final, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_eval_of_the_ema_weights_gives_the_runs_last_ema_validation(run_copy, capsys):
+    run_dir = run_copy("ema")
+    final = read_json(run_dir / "summary.json")["final"]
+    assert main([str(run_dir), "--weights", "model_ema.safetensors"]) == 0
+    evaluated = read_json(run_dir / "eval.json")
+    assert evaluated["weights"] == str(run_dir / "model_ema.safetensors")
+    assert evaluated["metrics"] == pytest.approx({k.replace("val/ema/", "val/"): v for k, v in final.items()
+                                                  if k.startswith("val/ema/")}, rel=1e-6)
+    assert evaluated["metrics"] != pytest.approx({k: final[k] for k in evaluated["metrics"]}, rel=1e-6)  # not the raw weights
+    plain = run_copy()
+    with pytest.raises(RunDirError, match=r"has no model_ema.safetensors \(the run had no trainer.ema\)"):
+        evaluate_run(plain, weights="model_ema.safetensors")
+    with pytest.raises(RunDirError, match="not one of the weights a run writes"):
+        evaluate_run(plain, weights="../elsewhere.safetensors")
 
 
 # ---- the config dirs and the overrides -----------------------------------------------------------

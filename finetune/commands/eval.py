@@ -1,6 +1,6 @@
-"""`finetune-eval RUN_DIR [overrides] [--config-dir DIR]`: rebuild the run's config with Hydra's
-compose API from what its .hydra/ recorded (overrides, the config dirs it used), load its
-model.safetensors strictly, evaluate on the validation data, and write RUN_DIR/eval.json as
+"""`finetune-eval RUN_DIR [overrides] [--config-dir DIR] [--weights FILE]`: rebuild the run's config
+with Hydra's compose API from what its .hydra/ recorded (overrides, the config dirs it used), load its
+model.safetensors (or model_ema.safetensors, checkpoints/best.safetensors) strictly, evaluate on the validation data, and write RUN_DIR/eval.json as
 {"metrics": {"val/loss": ..., "val/<task metric>": ...}, ...}.
 
 The overrides given here come after the run's own: `data.batch_size=256` replaces the run's value,
@@ -23,7 +23,7 @@ RESULT = "eval.json"
 
 
 def evaluate_run(run_dir: Path, overrides: list[str] = (), config_dirs: list[str] = (),
-                 allow_edited_config: bool = False) -> dict:
+                 allow_edited_config: bool = False, weights: str = "model.safetensors") -> dict:
     """Evaluate a finished run; returns what it writes to RUN_DIR/eval.json. The run's recorded
     config is verified before anything is composed or built from it (`allow_edited_config`: an
     edited one is used with a warning, recorded in eval.json as `edited_config`)."""
@@ -33,7 +33,7 @@ def evaluate_run(run_dir: Path, overrides: list[str] = (), config_dirs: list[str
     from finetune.state import write_json
     from finetune.task import Task
 
-    run = open_finished_run(run_dir, overrides, config_dirs, allow_edited_config)
+    run = open_finished_run(run_dir, overrides, config_dirs, allow_edited_config, weights)
     cfg = run.cfg
     device = pick_device(cfg.trainer.device)
     run.model.to(device)
@@ -55,6 +55,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="after the run's own: key=value (data.batch_size=256) or group=name (data=imagefolder)")
     parser.add_argument("--config-dir", action="append", default=[],
                         help="a directory of your own configs, searched before the ones the run used (repeatable)")
+    parser.add_argument("--weights", default="model.safetensors",
+                        help="which of the run's weights: model.safetensors (default), model_ema.safetensors "
+                             "(trainer.ema) or checkpoints/best.safetensors")
     parser.add_argument("--allow-edited-config", action="store_true",
                         help="evaluate even though the run's .hydra/ config was edited since the run (it names callables: "
                              "use only a config you trust); the config is rebuilt from .hydra/overrides.yaml and the "
@@ -65,7 +68,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        result = evaluate_run(args.run_dir, args.overrides, args.config_dir, args.allow_edited_config)
+        result = evaluate_run(args.run_dir, args.overrides, args.config_dir, args.allow_edited_config, args.weights)
     except FinetuneError as exc:
         report_error(exc)
         return exc.exit_code

@@ -3,7 +3,6 @@ test configs (tests/conf), tiny models/data (tests/helpers/tiny.py) and tiny che
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -109,12 +108,9 @@ def tiny_cfg(tiny_ckpts) -> Callable:
 
 @pytest.fixture
 def cli_env(finetune_cache) -> dict:
-    env = dict(os.environ)
-    env.pop("HYDRA_FULL_ERROR", None)
-    env["FINETUNE_CACHE"] = str(finetune_cache)
-    env["MPLBACKEND"] = "Agg"
-    env["PYTHONPATH"] = os.pathsep.join([str(HELPERS), *filter(None, [env.get("PYTHONPATH")])])
-    return env
+    from command_line import command_env
+
+    return command_env(finetune_cache)
 
 
 @pytest.fixture

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import textwrap
 from pathlib import Path
 
 import pytest
 import yaml
-from command_line import command
+from command_line import command_env, finetune_side_by_side
 
 from finetune.commands.eval import evaluate_run, main
 from finetune.compose import merge_overrides, read_recorded_run
@@ -45,12 +44,6 @@ def user_conf(tmp_path_factory) -> Path:
 def runs(tmp_path_factory, tiny_ckpts, user_conf, finetune_cache) -> dict[str, Path]:
     """A classification run made with --config-dir, a regression run and a run with trainer.ema,
     trained side by side."""
-    import os
-
-    root = tmp_path_factory.mktemp("runs")
-    env = {**os.environ, "FINETUNE_CACHE": str(finetune_cache), "MPLBACKEND": "Agg"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS_CONF.parent / "helpers"), *filter(None, [env.get("PYTHONPATH")])])
     args = {
         "classification": ["--config-dir", str(user_conf), "model=tiny", "data=tiny", "checkpoint=tiny",
                            f"checkpoint.path={tiny_ckpts.safetensors}", "data.batch_size=12"],
@@ -59,14 +52,10 @@ def runs(tmp_path_factory, tiny_ckpts, user_conf, finetune_cache) -> dict[str, P
         "ema": ["--config-dir", str(TESTS_CONF), "model=tiny", "data=tiny", "checkpoint=tiny",
                 f"checkpoint.path={tiny_ckpts.safetensors}", "trainer.ema=0.5"],
     }
-    procs = {name: subprocess.Popen([*command("finetune"), *extra, *COMMON, f"hydra.run.dir={root / name}"], cwd=root,
-                                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for name, extra in args.items()}
-    for name, proc in procs.items():
-        _, err = proc.communicate(timeout=240)
-        assert proc.returncode == 0, err
-        assert read_json(root / name / "summary.json")["status"] == "completed"
-    return {name: root / name for name in args}
+    runs = finetune_side_by_side(tmp_path_factory.mktemp("runs"), {name: [*extra, *COMMON] for name, extra in args.items()},
+                                 command_env(finetune_cache))
+    assert all(read_json(run_dir / "summary.json")["status"] == "completed" for run_dir in runs.values())
+    return runs
 
 
 @pytest.fixture

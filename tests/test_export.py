@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -95,22 +94,11 @@ COMMON = ["--config-dir", str(TESTS_CONF), "model=tiny", "data=tiny", "checkpoin
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_ckpts, finetune_cache) -> dict[str, Path]:
     """Two finished tiny runs, trained side by side: with lora ops, and without."""
-    import os
+    from command_line import command_env, finetune_side_by_side
 
-    from command_line import command
-
-    root = tmp_path_factory.mktemp("runs")
-    env = {**os.environ, "FINETUNE_CACHE": str(finetune_cache), "MPLBACKEND": "Agg"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS_CONF.parent / "helpers"), *filter(None, [env.get("PYTHONPATH")])])
     args = {"lora": [*LORA, f"checkpoint.path={tiny_ckpts.safetensors}"], "plain": [f"checkpoint.path={tiny_ckpts.safetensors}"]}
-    procs = {name: subprocess.Popen([*command("finetune"), *COMMON, *extra, f"hydra.run.dir={root / name}"], cwd=root,
-                                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for name, extra in args.items()}
-    for name, proc in procs.items():
-        _, err = proc.communicate(timeout=240)
-        assert proc.returncode == 0, err
-    return {name: root / name for name in args}
+    return finetune_side_by_side(tmp_path_factory.mktemp("runs"), {name: [*COMMON, *extra] for name, extra in args.items()},
+                                 command_env(finetune_cache))
 
 
 @pytest.fixture
